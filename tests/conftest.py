@@ -1,0 +1,155 @@
+"""Shared test machinery: learner mode, and the `slow` / `gpu` markers.
+
+Learner mode
+------------
+Every stage's tests get the stage under test from a fixture (`stage01` ... `stage06`)
+instead of importing it directly. By default the fixture returns this project's script.
+Point an environment variable at your own file and the same reference tests run against it:
+
+    Q2L_STAGE_03=my_transformer.py python -m pytest tests/test_03_transformer.py
+
+Your file is loaded once, before any test is collected, and registered under the stage's
+own module name (`03_transformer`), so later stages that import it (`04`, `05`, `06`) run
+on top of your code too. A name your file does not define yet makes the tests that need it
+*skip* with a message naming it, so you can build a stage one class at a time; in the
+reference run (no variable set) a missing name is a failure, as it should be.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {
+    1: "01_data",
+    2: "02_backbone",
+    3: "03_transformer",
+    4: "04_loss",
+    5: "05_train",
+    6: "06_eval",
+}
+
+
+def learner_path(number):
+    """The learner's file for stage `number`, from Q2L_STAGE_0N, or None."""
+    value = os.environ.get(f"Q2L_STAGE_{number:02d}", "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def load_learner_file(number, path):
+    """Import a learner's file as stage `number`'s module (e.g. `03_transformer`)."""
+    name = STAGES[number]
+    if not path.is_file():
+        raise pytest.UsageError(
+            f"Q2L_STAGE_{number:02d}={path} does not exist or is not a file; "
+            f"point it at your own version of {name}.py"
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # later stages that import `name` get the learner's code
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise pytest.UsageError(f"importing {path} as stage {name} failed: {error!r}") from error
+    return module
+
+
+class Stage:
+    """A stage module seen through the tests: a missing name skips in learner mode."""
+
+    def __init__(self, module, learner_file=None):
+        self._module = module
+        self._learner_file = learner_file
+
+    def __getattr__(self, attribute):
+        try:
+            return getattr(self._module, attribute)
+        except AttributeError:
+            if self._learner_file is None:
+                raise
+            pytest.skip(f"{self._learner_file.name} does not define `{attribute}` yet")
+
+    def __repr__(self):
+        source = self._learner_file or getattr(self._module, "__file__", "?")
+        return f"<stage {self._module.__name__} from {source}>"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow", action="store_true", help="also run tests marked slow (or Q2L_RUN_SLOW=1)"
+    )
+
+
+def pytest_configure(config):
+    # Load learner files before collection, so a test module's own imports see them too.
+    config._q2l_learner = {}
+    for number in STAGES:
+        path = learner_path(number)
+        if path is not None:
+            load_learner_file(number, path)
+            config._q2l_learner[number] = path
+
+
+def pytest_report_header(config):
+    learner = getattr(config, "_q2l_learner", {})
+    if not learner:
+        return "q2l: reference stages (set Q2L_STAGE_0N=path.py to test your own file)"
+    return [f"q2l: learner mode: stage {STAGES[n]} <- {p}" for n, p in sorted(learner.items())]
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("Q2L_RUN_SLOW") == "1"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or Q2L_RUN_SLOW=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is visible here")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+def load_stage(number):
+    """Stage `number` as the tests see it: the learner's file if given, else ours."""
+    learner_file = learner_path(number)
+    return Stage(importlib.import_module(STAGES[number]), learner_file)
+
+
+@pytest.fixture(scope="session")
+def stage01():
+    return load_stage(1)
+
+
+@pytest.fixture(scope="session")
+def stage02():
+    return load_stage(2)
+
+
+@pytest.fixture(scope="session")
+def stage03():
+    return load_stage(3)
+
+
+@pytest.fixture(scope="session")
+def stage04():
+    return load_stage(4)
+
+
+@pytest.fixture(scope="session")
+def stage05():
+    return load_stage(5)
+
+
+@pytest.fixture(scope="session")
+def stage06():
+    return load_stage(6)
