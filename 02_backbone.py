@@ -1,7 +1,376 @@
-"""Stage 2: the timm backbone, the input projection and the 2D sine position encoding.
+"""Stage 2: the image side of Query2Label: backbone, input projection, 2D position encoding.
 
-Not built yet: issue #3 builds this stage. Importing this file does nothing.
+Paper: Liu et al. 2021, Sec. 3.1 ("Spatial feature extraction"): a backbone turns the image
+(B, 3, S, S) into a feature map (B, C, H, W), H = S / stride; an optional 1×1 convolution
+projects C to the transformer width d; each of the N = H·W positions gets a 2D sine position
+encoding (DETR, Carion et al. 2020) that the transformer adds to its queries and keys.
+
+    python 02_backbone.py               # feature shapes at two sizes, parameter counts, PE figure
+    python 02_backbone.py --benchmark   # CPU throughput ± channels_last, resnet101 peak memory
+
+What it builds: `Backbone` (any timm CNN or token model -> (B, C, H, W)), `FrozenBatchNorm2d`
+and `freeze_batchnorm`, `load_weights` (local .pth/.pt/.safetensors), `make_projection`,
+`PositionEmbeddingSine`, `PositionEmbeddingLearned`, `build_position_encoding`.
+Next stage: 03_transformer.py reads these feature maps with label queries.
+
+Shapes (batch-first): B batch, C backbone channels, S input side, H×W feature map, d model width.
+
+Deviations from the official Query2Label code:
+- Any timm backbone instead of a handful of torchvision/hand-made ones; token models (ViT, Swin)
+  are reshaped into a (B, C, H, W) grid by timm's own `forward_intermediates`.
+- The sine encoding is computed for whatever H×W arrives (cached per size) instead of a fixed
+  buffer for one input size (official issue #16), so one model runs at 224, 448 and 576.
+- No padding mask (DETR has one): every image is resized to a full square, nothing is padded.
+- The learned encoding puts y (rows) before x (columns), like the sine one; DETR's puts x first.
 """
 
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._manipulate import group_parameters
+from torch import nn
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+DEMO_BACKBONES = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit", "resnet18", "resnet101"]
+FIGURE = Path("docs/figures/02_position_encoding.png")
+
+
+# ----------------------------------------------------------------------------- frozen BatchNorm
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine values: y = (x - mean) / sqrt(var + eps) * w + b.
+
+    Why: with the small per-GPU batches of detection-style training, batch statistics are noisy,
+    so DETR and Query2Label keep ImageNet's statistics. Everything is a buffer (torchvision's
+    names: weight, bias, running_mean, running_var), so nothing gets a gradient and `.train()`
+    changes nothing: it is an affine map, in inference mode forever.
+    """
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a BatchNorm2d checkpoint also stores a step counter we have no use for
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):  # x (B, C, H, W)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
+        shift = self.bias - self.running_mean * scale  # (C,)
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B, C, H, W)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def freeze_batchnorm(module):
+    """Replace every BatchNorm2d inside `module` by a frozen copy (in place); returns `module`.
+
+    timm's BatchNormAct2d (a BatchNorm2d with the activation inside, used by EfficientNet and
+    TResNet) becomes timm's own FrozenBatchNormAct2d so that its activation is kept.
+    """
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        if isinstance(module, timm.layers.BatchNormAct2d):
+            frozen = timm.layers.FrozenBatchNormAct2d(module.num_features, eps=module.eps)
+            frozen.act, frozen.drop = module.act, module.drop
+        else:
+            frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            if module.track_running_stats:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+        return frozen.to(module.weight.device if module.affine else frozen.weight.device)
+    for name, child in module.named_children():
+        new = freeze_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def freeze_stem_and_first_stage(model):
+    """Set requires_grad=False on the stem and the first stage; returns the frozen names.
+
+    "Stem" and "stage" are taken from timm's `group_matcher(coarse=True)` (the same grouping timm
+    uses for layer-wise learning rates): group 0 is the stem, group 1 the first stage. For a
+    ResNet that is conv1/bn1 + layer1, exactly the official recipe (only layer2-4 train); for
+    ConvNeXt stem + stages.0, EfficientNet conv_stem/bn1 + blocks.0, Swin patch_embed + layers.0,
+    ViT patch_embed/cls_token/pos_embed + blocks.0.
+    """
+    if not hasattr(model, "group_matcher"):
+        raise NotImplementedError(f"{type(model).__name__} has no timm group_matcher; use freeze_stem=False")
+    groups = group_parameters(model, model.group_matcher(coarse=True))  # {group id: [names]}
+    names = [name for group in sorted(groups)[:2] for name in groups[group]]
+    parameters = dict(model.named_parameters())
+    for name in names:
+        parameters[name].requires_grad_(False)
+    return names
+
+
+# ----------------------------------------------------------------------------- weights
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be fetched (offline, not cached)."""
+
+
+def _create_timm_model(name, pretrained):
+    """timm model without its classifier and pooling, so it ends in a (B, C, H, W) feature map."""
+    kwargs = dict(pretrained=pretrained, num_classes=0, global_pool="")
+    try:  # token models interpolate their position table to any input size with this flag
+        return timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError as error:  # CNNs take any size already and reject the unknown argument
+        if "dynamic_img_size" not in str(error):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+def create_timm_model(name, pretrained=False):
+    """Create timm model `name`; with `pretrained`, fetch ImageNet weights from the hub (or its cache)."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; list candidates with timm.list_models('*{name}*')")
+    try:
+        return _create_timm_model(name, pretrained)
+    except OSError as error:  # every hub failure is an OSError: offline, unreachable, not cached, HTTP
+        if not pretrained:
+            raise
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        source = timm.models.get_pretrained_cfg(name)
+        where = f"huggingface.co/{source.hf_hub_id}" if source and source.hf_hub_id else "the timm hub"
+        raise WeightsUnavailableError(
+            f"cannot get pretrained weights for {name!r} from {where}: {reason}\n"
+            f"  This machine is probably offline and the weights are not in the hub cache. Either\n"
+            f"  - download them where there is internet (e.g. model.safetensors from {where}) and pass\n"
+            f"    the file: weights='FILE' (--weights FILE on the command line), or\n"
+            f"  - train from scratch: pretrained=False (drop --pretrained; much lower mAP on real data).\n"
+            f"  Tip: HF_HUB_OFFLINE=1 makes the hub fail at once instead of retrying for a minute."
+        ) from None
+
+
+def load_weights(model, path, verbose=True):
+    """Load a local weights file into `model` (a Backbone or a timm model); returns (missing, unexpected).
+
+    Reads .pth/.pt (torch.load with weights_only=True) or .safetensors through timm's
+    `load_state_dict`, which also unwraps {"state_dict": ...}/{"model": ...} and strips DDP's
+    "module." prefix. A "backbone.body." / "body." prefix (our own checkpoints) is stripped too.
+    Keys of timm's classifier head (fc.* for ResNets) are unexpected by design: Query2Label
+    replaces the ImageNet classifier, so they are reported as expected and skipped.
+    """
+    target = model.body if isinstance(model, Backbone) else model
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (expected one of {WEIGHT_SUFFIXES})")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"weights file {path}: unknown suffix {path.suffix!r}, expected one of {WEIGHT_SUFFIXES}")
+    try:
+        state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as error:  # corrupt file, pickle with code in it, wrong format...
+        raise ValueError(f"cannot read weights file {path}: {type(error).__name__}: {error}") from None
+    own = target.state_dict()
+    prefix = max(["", "body.", "backbone.body.", "backbone.0.body."],
+                 key=lambda p: sum(k.startswith(p) and k[len(p):] in own for k in state))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"weights file {path} does not fit this model; {len(wrong)} tensors have the wrong"
+                         f" shape (a different architecture?), e.g. {wrong[0]}")
+    if not any(k in own for k in state):
+        raise ValueError(f"weights file {path}: none of its {len(state)} keys matches the model"
+                         f" (e.g. file {next(iter(state), '-')!r} vs model {next(iter(own))!r})")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if verbose:
+        head = (target.pretrained_cfg.get("classifier") or "fc") if hasattr(target, "pretrained_cfg") else "fc"
+        head_keys = [k for k in unexpected if k.split(".")[0] == head.split(".")[0]]
+        other = [k for k in unexpected if k not in head_keys]
+        print(f"loaded {len(own) - len(missing)}/{len(own)} tensors from {path}")
+        print(f"  missing ({len(missing)}): {', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}")
+        if head_keys:
+            print(f"  unexpected, expected ({len(head_keys)}): {', '.join(head_keys)} (ImageNet classifier head, not used)")
+        print(f"  unexpected ({len(other)}): {', '.join(other[:8]) or 'none'}{' ...' if len(other) > 8 else ''}")
+    return list(missing), list(unexpected)
+
+
+# ----------------------------------------------------------------------------- backbone
+class Backbone(nn.Module):
+    """A timm model that maps images (B, 3, S, S) to an unpooled feature map (B, C, H, W).
+
+    CNNs go through `forward_features`. Token models (ViT: prefix tokens + patch tokens;
+    Swin: NHWC output) go through `forward_intermediates(output_fmt="NCHW")`, which drops the
+    prefix tokens, applies the final norm and reshapes the tokens into the H×W patch grid. ViT and
+    Swin are built with `dynamic_img_size=True`, so one model runs at 224, 448 or 576 (input sides
+    must be multiples of `stride` for them). `num_channels` is C, `stride` is S / H.
+    """
+
+    def __init__(self, name="resnet18", pretrained=False, weights=None, frozen_bn=True,
+                 freeze_stem=True, verbose=True):
+        super().__init__()
+        self.name = name
+        self.body = create_timm_model(name, pretrained=pretrained and weights is None)
+        if weights is not None:
+            load_weights(self.body, weights, verbose=verbose)
+            self.weights_source = str(weights)
+        elif pretrained:
+            self.weights_source = f"timm hub ({self.body.pretrained_cfg.get('hf_hub_id') or name})"
+        else:
+            self.weights_source = "none (random init)"
+            if verbose:
+                print(f"!!! backbone {name}: NO pretrained weights, random init. Fine for tests and the"
+                      f" built-in data; for real data use pretrained=True or weights=FILE.")
+        # token models do not end in a plain NCHW map from forward_features
+        self.token_model = (getattr(self.body, "output_fmt", "NCHW") != "NCHW"
+                            or hasattr(self.body, "num_prefix_tokens"))
+        last = self.body.feature_info[-1]
+        self.stride = last["reduction"]
+        self.num_channels = last["num_chs"] if self.token_model else self.body.num_features
+        self.frozen_names = freeze_stem_and_first_stage(self.body) if freeze_stem else []
+        if frozen_bn:
+            freeze_batchnorm(self.body)
+
+    def forward(self, x):  # x (B, 3, S, S)
+        if self.token_model:
+            S_h, S_w = x.shape[-2:]
+            if S_h % self.stride or S_w % self.stride:
+                raise ValueError(f"{self.name} needs input sides divisible by {self.stride}; got {S_h}x{S_w}")
+            return self.body.forward_intermediates(
+                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]  # (B, C, H, W)
+        return self.body.forward_features(x)  # (B, C, H, W)
+
+
+def make_projection(in_channels, d_model, enabled=True):
+    """1×1 convolution C -> d (a per-position linear map), or nn.Identity when disabled.
+
+    Why: the transformer's cost grows with d² per token, and C is large for big backbones
+    (2048 for ResNet-101); a 1×1 conv lets d be chosen freely. The official R101 model runs
+    without it (d = C = 2048), which this function allows only when the numbers agree.
+    """
+    if enabled:
+        return nn.Conv2d(in_channels, d_model, kernel_size=1)
+    if in_channels != d_model:
+        raise ValueError(f"input projection disabled but backbone channels C={in_channels} != d_model={d_model};"
+                         f" enable the projection or set d_model={in_channels}")
+    return nn.Identity()
+
+
+# ----------------------------------------------------------------------------- position encodings
+class PositionEmbeddingSine(nn.Module):
+    """DETR's 2D sine encoding, computed for any H×W and cached per (size, device, dtype).
+
+    With F = d/2 features per axis, k = 0..F-1, y = row index (1..H), x = column index (1..W):
+        y' = y / (H + eps) · scale,  x' = x / (W + eps) · scale          (normalize=True)
+        ω_k = temperature ^ (2·⌊k/2⌋ / F)
+        PE[k]     = sin(y' / ω_k) for even k, cos(y' / ω_k) for odd k    (channels 0..F-1: y)
+        PE[F + k] = the same with x'                                     (channels F..d-1: x)
+    Why: sin/cos pairs at geometric frequencies let attention tell positions apart and compute
+    offsets; normalising to [0, 2π] makes a position mean "fraction of the image", whatever S is.
+    """
+
+    def __init__(self, d_model, temperature=10000, normalize=True, scale=2 * math.pi, eps=1e-6):
+        super().__init__()
+        if d_model % 4:
+            raise ValueError(f"d_model={d_model} must be divisible by 4 (d/2 per axis, in sin/cos pairs)")
+        self.num_pos_feats = d_model // 2
+        self.temperature, self.normalize, self.scale, self.eps = temperature, normalize, scale, eps
+        self._cache = {}
+
+    def encode(self, H, W, device=None):  # -> (1, d, H, W), float32
+        y = torch.arange(1, H + 1, dtype=torch.float32, device=device)  # cumsum of ones down the rows
+        x = torch.arange(1, W + 1, dtype=torch.float32, device=device)
+        if self.normalize:
+            y = y / (y[-1] + self.eps) * self.scale
+            x = x / (x[-1] + self.eps) * self.scale
+        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
+        omega = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_pos_feats)  # (F,)
+        pos_y, pos_x = y[:, None] / omega, x[:, None] / omega  # (H, F), (W, F)
+        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (H, F)
+        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (W, F)
+        pos = torch.cat((pos_y[:, None, :].expand(H, W, -1),
+                         pos_x[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
+        return pos.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, d, H, W)
+
+    def forward(self, x):  # x (B, *, H, W): only its size, device and dtype are used
+        H, W = x.shape[-2:]
+        key = (H, W, x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.encode(H, W, x.device).to(x.dtype)
+        return self._cache[key]  # (1, d, H, W); shared, do not modify in place
+
+
+class PositionEmbeddingLearned(nn.Module):
+    """Learned 2D encoding: a row table and a column table of d/2 features each (DETR's option).
+
+    PE(i, j) = [row_embed[i], col_embed[j]] (y first, like the sine one). Sizes up to `max_size`
+    positions per axis (64 covers 576 px at stride 16); beyond that, a clear error.
+    """
+
+    def __init__(self, d_model, max_size=64):
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"d_model={d_model} must be even (d/2 per axis)")
+        self.row_embed = nn.Embedding(max_size, d_model // 2)
+        self.col_embed = nn.Embedding(max_size, d_model // 2)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, x):  # x (B, *, H, W)
+        H, W = x.shape[-2:]
+        limit = self.row_embed.num_embeddings
+        if H > limit or W > limit:
+            raise ValueError(f"feature map {H}x{W} is larger than the learned table ({limit} per axis);"
+                             f" build PositionEmbeddingLearned(d, max_size>={max(H, W)}) or use 'sine'")
+        rows, cols = self.row_embed.weight[:H], self.col_embed.weight[:W]  # (H, d/2), (W, d/2)
+        pos = torch.cat((rows[:, None, :].expand(H, W, -1), cols[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
+        return pos.permute(2, 0, 1).unsqueeze(0).to(x.dtype)  # (1, d, H, W)
+
+
+def build_position_encoding(kind, d_model, **kwargs):
+    """kind "sine" (the paper's, no parameters) or "learned" (2·max_size·d/2 parameters)."""
+    if kind == "sine":
+        return PositionEmbeddingSine(d_model, **kwargs)
+    if kind == "learned":
+        return PositionEmbeddingLearned(d_model, **kwargs)
+    raise ValueError(f"unknown position encoding {kind!r}; expected 'sine' or 'learned'")
+
+
+def count_parameters(module):
+    """(trainable params, frozen params, frozen-BN buffer values incl. statistics)."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    frozen_bn = sum(b.numel() for m in module.modules()
+                    if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d)) for b in m.buffers())
+    return trainable, frozen, frozen_bn
+
+
 if __name__ == "__main__":
-    print("02_backbone.py: not built yet (issue #3).")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", nargs="+", default=DEMO_BACKBONES,
+                        help="timm model names to show (default: tiny test models + resnet18/101, random init)")
+    parser.add_argument("--sizes", nargs=2, type=int, default=[224, 448], help="two input sides (default 224 448)")
+    parser.add_argument("--pretrained", action="store_true", help="fetch ImageNet weights from the timm hub")
+    parser.add_argument("--weights", default=None, help="local weights file (.pth/.pt/.safetensors) for the backbone")
+    args = parser.parse_args()
+    start = time.time()
+    try:
+        for name in args.backbone:
+            model = Backbone(name, pretrained=args.pretrained, weights=args.weights, verbose=False).eval()
+            shapes = []
+            for S in args.sizes:
+                with torch.no_grad():
+                    shapes.append(tuple(model(torch.randn(1, 3, S, S)).shape))
+            trainable, frozen, frozen_bn = count_parameters(model)
+            print(f"{name:18s} C={model.num_channels:5d} stride={model.stride:2d} "
+                  + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes))
+                  + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.2f}M"
+                  f" (+{frozen_bn / 1e3:.1f}k frozen-BN buffer values)  weights: {model.weights_source}")
+    except (WeightsUnavailableError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(f"done in {time.time() - start:.1f}s")
