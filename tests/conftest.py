@@ -153,3 +153,55 @@ def stage05():
 @pytest.fixture(scope="session")
 def stage06():
     return load_stage(6)
+
+
+def write_tiny_coco(root, n_images, seed, size=48, names=("square", "disc", "bar")):
+    """A small COCO-format dataset (JPEGs + instances JSON) of coloured shapes on noise.
+
+    Category ids are deliberately non-contiguous (10, 20, 30, ...), and about one image in eight
+    has no annotations, as in real data. Returns (image_dir, ann_file)."""
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n_images):
+        pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        present = rng.random(len(names)) < 0.45
+        for k in np.flatnonzero(present):
+            x, y = rng.integers(2, size // 2, 2)
+            s = int(rng.integers(size // 5, size // 2))
+            colour = tuple(int(c) for c in rng.integers(120, 256, 3))
+            box = [int(x), int(y), int(x) + s, int(y) + s]
+            if names[k] == "disc":
+                draw.ellipse(box, fill=colour)
+            elif names[k] == "bar":
+                draw.rectangle([box[0], box[1], box[2], box[1] + max(2, s // 4)], fill=colour)
+            else:
+                draw.rectangle(box, fill=colour)
+            annotations.append({"id": len(annotations) + 1, "image_id": 100 + i,
+                                "category_id": int(10 * (k + 1)), "bbox": [box[0], box[1], s, s],
+                                "area": float(s * s), "iscrowd": 0})
+        name = f"{i:05d}.jpg"
+        image.save(image_dir / name, quality=90)
+        images.append({"id": 100 + i, "file_name": name, "width": size, "height": size})
+    categories = [{"id": 10 * (k + 1), "name": n, "supercategory": "shape"} for k, n in enumerate(names)]
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return image_dir, ann_file
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """A train and a val split of `write_tiny_coco` (32 and 15 images), shared by the tests of a session."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    train_images, train_ann = write_tiny_coco(root / "train", 32, seed=1)
+    val_images, val_ann = write_tiny_coco(root / "val", 15, seed=2)
+    return {"train_images": train_images, "train_ann": train_ann, "val_images": val_images, "val_ann": val_ann}
