@@ -36,7 +36,7 @@ from timm.models._manipulate import group_parameters
 from torch import nn
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
-DEMO_BACKBONES = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit", "resnet18", "resnet101"]
+DEMO_BACKBONES = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit", "resnet10t", "resnet18", "resnet101"]
 FIGURE = Path("docs/figures/02_position_encoding.png")
 
 
@@ -68,9 +68,6 @@ class FrozenBatchNorm2d(nn.Module):
         shift = self.bias - self.running_mean * scale  # (C,)
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B, C, H, W)
 
-    def extra_repr(self):
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
 
 def freeze_batchnorm(module):
     """Replace every BatchNorm2d inside `module` by a frozen copy (in place); returns `module`.
@@ -78,20 +75,17 @@ def freeze_batchnorm(module):
     timm's BatchNormAct2d (a BatchNorm2d with the activation inside, used by EfficientNet and
     TResNet) becomes timm's own FrozenBatchNormAct2d so that its activation is kept.
     """
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.running_mean is not None:
         if isinstance(module, timm.layers.BatchNormAct2d):
             frozen = timm.layers.FrozenBatchNormAct2d(module.num_features, eps=module.eps)
             frozen.act, frozen.drop = module.act, module.drop
         else:
             frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         with torch.no_grad():
-            if module.affine:
-                frozen.weight.copy_(module.weight)
-                frozen.bias.copy_(module.bias)
-            if module.track_running_stats:
-                frozen.running_mean.copy_(module.running_mean)
-                frozen.running_var.copy_(module.running_var)
-        return frozen.to(module.weight.device if module.affine else frozen.weight.device)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(module, name) is not None:  # no weight/bias when affine=False
+                    getattr(frozen, name).copy_(getattr(module, name))
+        return frozen.to(module.running_mean.device)
     for name, child in module.named_children():
         new = freeze_batchnorm(child)
         if new is not child:
@@ -112,9 +106,9 @@ def freeze_stem_and_first_stage(model):
         raise NotImplementedError(f"{type(model).__name__} has no timm group_matcher; use freeze_stem=False")
     groups = group_parameters(model, model.group_matcher(coarse=True))  # {group id: [names]}
     names = [name for group in sorted(groups)[:2] for name in groups[group]]
-    parameters = dict(model.named_parameters())
-    for name in names:
-        parameters[name].requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        if name in names:
+            parameter.requires_grad_(False)
     return names
 
 
@@ -123,23 +117,20 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be fetched (offline, not cached)."""
 
 
-def _create_timm_model(name, pretrained):
-    """timm model without its classifier and pooling, so it ends in a (B, C, H, W) feature map."""
-    kwargs = dict(pretrained=pretrained, num_classes=0, global_pool="")
-    try:  # token models interpolate their position table to any input size with this flag
-        return timm.create_model(name, dynamic_img_size=True, **kwargs)
-    except TypeError as error:  # CNNs take any size already and reject the unknown argument
-        if "dynamic_img_size" not in str(error):
-            raise
-    return timm.create_model(name, **kwargs)
-
-
-def create_timm_model(name, pretrained=False):
-    """Create timm model `name`; with `pretrained`, fetch ImageNet weights from the hub (or its cache)."""
+def create_timm_model(name, pretrained=False, **timm_kwargs):
+    """timm model `name` without classifier and pooling (it ends in a feature map); with `pretrained`,
+    ImageNet weights from the hub or its cache, else a WeightsUnavailableError that says what to do.
+    `timm_kwargs` go to the model's constructor (e.g. drop_path_rate=0.1, img_size=384)."""
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; list candidates with timm.list_models('*{name}*')")
+    kwargs = dict(pretrained=pretrained, num_classes=0, global_pool="", **timm_kwargs)
     try:
-        return _create_timm_model(name, pretrained)
+        try:  # token models interpolate their position table to any input size with this flag
+            return timm.create_model(name, dynamic_img_size=True, **kwargs)
+        except TypeError as error:  # CNNs take any size already and reject the unknown argument
+            if "dynamic_img_size" not in str(error):
+                raise
+        return timm.create_model(name, **kwargs)
     except OSError as error:  # every hub failure is an OSError: offline, unreachable, not cached, HTTP
         if not pretrained:
             raise
@@ -189,14 +180,14 @@ def load_weights(model, path, verbose=True):
                          f" (e.g. file {next(iter(state), '-')!r} vs model {next(iter(own))!r})")
     missing, unexpected = target.load_state_dict(state, strict=False)
     if verbose:
-        head = (target.pretrained_cfg.get("classifier") or "fc") if hasattr(target, "pretrained_cfg") else "fc"
+        head = getattr(target, "pretrained_cfg", {}).get("classifier") or "fc"
         head_keys = [k for k in unexpected if k.split(".")[0] == head.split(".")[0]]
         other = [k for k in unexpected if k not in head_keys]
-        print(f"loaded {len(own) - len(missing)}/{len(own)} tensors from {path}")
-        print(f"  missing ({len(missing)}): {', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}")
+        print(f"loaded {len(own) - len(missing)}/{len(own)} tensors from {path}\n"
+              f"  missing ({len(missing)}): {', '.join(missing[:8]) or 'none'}{' ...' * (len(missing) > 8)}\n"
+              f"  unexpected ({len(other)}): {', '.join(other[:8]) or 'none'}{' ...' * (len(other) > 8)}")
         if head_keys:
-            print(f"  unexpected, expected ({len(head_keys)}): {', '.join(head_keys)} (ImageNet classifier head, not used)")
-        print(f"  unexpected ({len(other)}): {', '.join(other[:8]) or 'none'}{' ...' if len(other) > 8 else ''}")
+            print(f"  unexpected but expected ({len(head_keys)}): {', '.join(head_keys)} (ImageNet classifier head)")
     return list(missing), list(unexpected)
 
 
@@ -208,14 +199,15 @@ class Backbone(nn.Module):
     Swin: NHWC output) go through `forward_intermediates(output_fmt="NCHW")`, which drops the
     prefix tokens, applies the final norm and reshapes the tokens into the H×W patch grid. ViT and
     Swin are built with `dynamic_img_size=True`, so one model runs at 224, 448 or 576 (input sides
-    must be multiples of `stride` for them). `num_channels` is C, `stride` is S / H.
+    must be multiples of `stride` for them). `num_channels` is C, `stride` is S / H. A local
+    `weights` file wins over `pretrained`. `frozen_names` lists what freeze_stem froze.
     """
 
     def __init__(self, name="resnet18", pretrained=False, weights=None, frozen_bn=True,
-                 freeze_stem=True, verbose=True):
+                 freeze_stem=True, verbose=True, **timm_kwargs):
         super().__init__()
         self.name = name
-        self.body = create_timm_model(name, pretrained=pretrained and weights is None)
+        self.body = create_timm_model(name, pretrained=pretrained and weights is None, **timm_kwargs)
         if weights is not None:
             load_weights(self.body, weights, verbose=verbose)
             self.weights_source = str(weights)
@@ -227,11 +219,9 @@ class Backbone(nn.Module):
                 print(f"!!! backbone {name}: NO pretrained weights, random init. Fine for tests and the"
                       f" built-in data; for real data use pretrained=True or weights=FILE.")
         # token models do not end in a plain NCHW map from forward_features
-        self.token_model = (getattr(self.body, "output_fmt", "NCHW") != "NCHW"
-                            or hasattr(self.body, "num_prefix_tokens"))
+        self.token_model = getattr(self.body, "output_fmt", "NCHW") != "NCHW" or hasattr(self.body, "num_prefix_tokens")
         last = self.body.feature_info[-1]
-        self.stride = last["reduction"]
-        self.num_channels = last["num_chs"] if self.token_model else self.body.num_features
+        self.stride, self.num_channels = last["reduction"], last["num_chs"] if self.token_model else self.body.num_features
         self.frozen_names = freeze_stem_and_first_stage(self.body) if freeze_stem else []
         if frozen_bn:
             freeze_batchnorm(self.body)
@@ -301,7 +291,8 @@ class PositionEmbeddingSine(nn.Module):
         H, W = x.shape[-2:]
         key = (H, W, x.device, x.dtype)
         if key not in self._cache:
-            self._cache[key] = self.encode(H, W, x.device).to(x.dtype)
+            with torch.inference_mode(False):  # a cached inference tensor would break training later
+                self._cache[key] = self.encode(H, W, x.device).to(x.dtype)
         return self._cache[key]  # (1, d, H, W); shared, do not modify in place
 
 
@@ -350,27 +341,137 @@ def count_parameters(module):
     return trainable, frozen, frozen_bn
 
 
+def plot_position_encoding(path=FIGURE, d_model=256, side=14):
+    """Figure: a few sine channels as images, and cosine similarity of one position to all others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    F, grid = d_model // 2, torch.zeros(1, 1, side, side)
+    sine = PositionEmbeddingSine(d_model)(grid)[0]  # (d, H, W)
+    channels = [(0, "y, k=0 (sin)"), (1, "y, k=1 (cos)"), (16, "y, k=16 (sin)"), (F + 4, "x, k=4 (sin)")]
+    ref = (side // 3, side // 2)
+
+    def similarity(pe):  # pe (d, H, W) -> cosine similarity of every position to `ref`, (H, W)
+        flat = nn.functional.normalize(pe.flatten(1), dim=0)  # (d, N)
+        return (flat[:, ref[0] * pe.shape[2] + ref[1]] @ flat).view(pe.shape[1:])  # (H, W)
+
+    maps = [(similarity(sine), f"sine d={d_model}, {side}x{side}"),
+            (similarity(PositionEmbeddingSine(2048)(grid)[0]), f"sine d=2048 (official R101), {side}x{side}"),
+            (similarity(PositionEmbeddingLearned(d_model)(grid)[0].detach()), "learned, at init"),
+            (similarity(PositionEmbeddingSine(d_model)(torch.zeros(1, 1, 18, 18))[0]), "sine, 18x18 (576 px)")]
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
+    for ax, (c, title) in zip(axes[0], channels):
+        ax.imshow(sine[c], cmap="RdBu", vmin=-1, vmax=1)
+        ax.set_title(f"channel {c}: {title}", fontsize=9)
+    for ax, (sim, title) in zip(axes[1], maps):
+        image = ax.imshow(sim, cmap="viridis")  # own colour range: sine similarities stay close to 1
+        ax.plot(ref[1], ref[0], "r+", markersize=12)
+        ax.set_title(f"{title}\ncos-sim to +: {sim.min():.2f} .. {sim.max():.2f}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    plt.setp(axes, xticks=[], yticks=[])
+    fig.suptitle("2D sine position encoding (row 1: channels; row 2: cosine similarity of one position to all)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def memory_probe(grad):
+    """Run in a fresh process: peak RSS growth of one resnet101 forward at 448 px, batch 1 (Linux)."""
+    import json
+
+    def status(field):  # kB -> MiB, from /proc/self/status
+        return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
+
+    model, x = Backbone("resnet101", verbose=False).train(grad), torch.randn(1, 3, 448, 448)
+    weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    saved = {}  # activations autograd keeps for backward, by storage (saved twice counts once)
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM), so only the forward's own peak counts
+    before = status("VmRSS")
+    with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    print(json.dumps(dict(before=before, peak=status("VmHWM"), saved=sum(saved.values()) / 2**20,
+                          weights=sum(weights.values()) / 2**20)))
+
+
+def benchmark(names=("resnet18", "resnet10t"), S=224, batch=8, rounds=5):
+    """Backbone forward images/s (eval, no_grad), NCHW vs channels_last in interleaved rounds; memory."""
+    import json
+    import subprocess
+
+    print(f"CPU, {torch.get_num_threads()} threads, batch {batch}, {S}px, eval + no_grad, frozen BN,"
+          f" median of {rounds} interleaved rounds")
+    layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+    for name in names:
+        model, x = Backbone(name, verbose=False).eval(), torch.randn(batch, 3, S, S)
+        rates = {layout: [] for layout in layouts}
+        with torch.no_grad():
+            for r in range(rounds + 1):  # round 0 warms both layouts up
+                for layout, memory_format in layouts.items():
+                    model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
+                    start = time.perf_counter()
+                    model(x)
+                    if r:
+                        rates[layout].append(batch / (time.perf_counter() - start))
+        nchw, last = (sorted(rates[k])[rounds // 2] for k in layouts)
+        print(f"  {name:12s} NCHW {nchw:7.1f} img/s   channels_last {last:7.1f} img/s   ratio {last / nchw:.2f}x")
+    if sys.platform != "linux":
+        print("peak memory: needs Linux /proc (VmHWM); skipped")
+        return
+    print("resnet101, 448px, batch 1, one forward in a fresh process; peak RSS growth (VmHWM reset before):")
+    for grad in (False, True):
+        probe = ["--memory-probe", "grad" if grad else "no_grad", "--threads", str(torch.get_num_threads())]
+        out = subprocess.run([sys.executable, __file__, *probe],
+                             capture_output=True, text=True, check=True).stdout
+        m = json.loads(out.strip().splitlines()[-1])
+        print(f"  {'train mode + grad' if grad else 'eval + no_grad   '}: +{m['peak'] - m['before']:4.0f} MiB"
+              f" over {m['before']:.0f} MiB before (weights+buffers {m['weights']:.0f} MiB);"
+              f" activations saved for backward {m['saved']:.0f} MiB")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # * what to show
     parser.add_argument("--backbone", nargs="+", default=DEMO_BACKBONES,
                         help="timm model names to show (default: tiny test models + resnet18/101, random init)")
     parser.add_argument("--sizes", nargs=2, type=int, default=[224, 448], help="two input sides (default 224 448)")
+    parser.add_argument("--figure", type=Path, default=FIGURE, help=f"position-encoding picture (default {FIGURE})")
+    # * weights
     parser.add_argument("--pretrained", action="store_true", help="fetch ImageNet weights from the timm hub")
     parser.add_argument("--weights", default=None, help="local weights file (.pth/.pt/.safetensors) for the backbone")
+    # * measurements
+    parser.add_argument("--benchmark", action="store_true", help="CPU throughput ± channels_last; resnet101 memory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
+    parser.add_argument("--memory-probe", choices=["no_grad", "grad"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
+    if args.memory_probe or args.benchmark:
+        memory_probe(args.memory_probe == "grad") if args.memory_probe else benchmark()
+        sys.exit()
     try:
         for name in args.backbone:
-            model = Backbone(name, pretrained=args.pretrained, weights=args.weights, verbose=False).eval()
-            shapes = []
-            for S in args.sizes:
-                with torch.no_grad():
-                    shapes.append(tuple(model(torch.randn(1, 3, S, S)).shape))
+            model = Backbone(name, args.pretrained, args.weights, verbose=args.weights is not None).eval()
+            with torch.no_grad():
+                shapes = [tuple(model(torch.randn(1, 3, S, S)).shape) for S in args.sizes]
             trainable, frozen, frozen_bn = count_parameters(model)
             print(f"{name:18s} C={model.num_channels:5d} stride={model.stride:2d} "
                   + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes))
-                  + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.2f}M"
+                  + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.3f}M"
                   f" (+{frozen_bn / 1e3:.1f}k frozen-BN buffer values)  weights: {model.weights_source}")
     except (WeightsUnavailableError, FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
+    print(f"wrote {plot_position_encoding(args.figure)}")
     print(f"done in {time.time() - start:.1f}s")
