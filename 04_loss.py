@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 REDUCTIONS = ("sum", "mean", "q2l", "none")
-# The official Query2Label recipe (SlongLiu/query2labels): gamma- 2, gamma+ 0, no shift, eps 1e-5,
-# detached focusing weight, -sum / (B*K) * 1000.
+# The official Query2Label recipe (SlongLiu/query2labels): its loss is -sum / B / K * 1000.
 Q2L_SETTINGS = dict(gamma_neg=2.0, gamma_pos=0.0, clip=0.0, eps=1e-5, detach_focal_weight=True, reduction="q2l")
 BCE_SETTINGS = dict(gamma_neg=0.0, gamma_pos=0.0, clip=0.0, eps=0.0)
 
@@ -50,10 +49,9 @@ def _check_options(gamma_neg, gamma_pos, clip, eps, reduction):
 def _focusing_weight(base, gamma, detach):
     """base^gamma (None for gamma = 0: weight 1), with derivative 0, not NaN, where base == 0.
 
-    For 0 < gamma < 1 the derivative gamma . base^(gamma - 1) is infinite at base = 0, and autograd
-    multiplies it by the log term (0 there) into NaN. base is 0 only where p <= m or sigmoid
-    underflowed, where the weighted term is 0 anyway, so 0 is the useful one-sided value.
-    detach: a constant in the backward pass (.detach() only; global autograd state is untouched).
+    For 0 < gamma < 1, d/dbase base^gamma is infinite at 0 and autograd turns it into NaN (0 . inf).
+    base is 0 only where p <= m or sigmoid underflowed, where the weighted term is 0 anyway.
+    detach: a constant in the backward pass (.detach(); global autograd state is never touched).
     """
     if gamma == 0:
         return None  # no pow at all: 0^0 and its derivative never arise
@@ -106,19 +104,20 @@ def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, ep
         raise ValueError(f"logits have shape {tuple(logits.shape)} but targets have shape "
                          f"{tuple(targets.shape)}; both must be (B, K)")
     dtype = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
-    # .to(dtype) alone would do with today's ops; the region keeps any op added here later from
-    # being cast back down (CPU autocast runs log, sigmoid and pow in bf16/fp16 otherwise).
+    # The upcast is what matters: autocast leaves fp32 elementwise ops alone (on the CPU it runs
+    # sigmoid, log and pow in bf16/fp16 when *given* bf16/fp16). The region makes sure no op here is
+    # ever cast down, whatever autocast's op lists say now or later.
     with torch.autocast(logits.device.type, enabled=False):
         x = logits.to(dtype)  # (B, K)
-        t = targets.to(dtype)  # (B, K)
+        t = targets.to(x.device, dtype)  # (B, K)
         known = t >= 0
         if check_targets:
             bad = ~((known & (t <= 1)) | (t == -1))
             if bad.any():
-                where = tuple(bad.nonzero()[0].tolist())
+                index = tuple(bad.nonzero()[0].tolist())
                 raise ValueError(f"targets must be in [0, 1] (1 positive, 0 negative, soft in between) "
                                  f"or -1 (unknown); {int(bad.sum())} entries are not, e.g. "
-                                 f"{t[where].item()} at index {where}")
+                                 f"{t[index].item()} at index {index}")
 
         p, q = torch.sigmoid(x), torch.sigmoid(-x)  # p and 1 - p, each without cancellation
         # log p = log(1 / (1 + e^-x)) = -softplus(-x): finite for every finite x, where log(sigmoid(x))
@@ -154,7 +153,9 @@ def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, ep
 
 
 def bce(logits, targets, reduction="mean", check_targets=True):
-    """Plain binary cross-entropy: ASL with g+ = g- = m = eps = 0 (unknown labels still ignored)."""
+    """Plain binary cross-entropy (torch's "mean" by default): ASL with g+ = g- = m = eps = 0.
+
+    Unknown labels (-1) are still ignored, which torch's BCE cannot do."""
     return asymmetric_loss(logits, targets, **BCE_SETTINGS, reduction=reduction, check_targets=check_targets)
 
 
@@ -179,10 +180,7 @@ class AsymmetricLoss(nn.Module):
 
 def plot_shapes(path):
     """Loss and d loss / d logit against p for positives and negatives, at several g and m."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     p = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
     settings = {  # (label, target, gamma_pos, gamma_neg, clip)
@@ -190,7 +188,8 @@ def plot_shapes(path):
         "negatives": [("BCE", 0, 0, 0, 0), ("g- = 2 (Q2L)", 0, 0, 2, 0), ("g- = 4", 0, 0, 4, 0),
                       ("g- = 4, m = 0.05 (ASL default)", 0, 0, 4, 0.05), ("g- = 4, m = 0.2", 0, 0, 4, 0.2)],
     }
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    fig = Figure(figsize=(11, 8))
+    axes = fig.subplots(2, 2, sharex=True)
     for column, (kind, rows) in enumerate(settings.items()):
         for label, target, gp, gn, m in rows:
             for detach, style in ((True, "-"), (False, ":")):
@@ -211,7 +210,6 @@ def plot_shapes(path):
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def self_check():
@@ -256,7 +254,7 @@ def self_check():
               f"gradient finite: {bool(torch.isfinite(xe.grad).all())}")
     p16 = torch.sigmoid(extreme)  # the reference's form: log(clamp(sigmoid)) in the input precision
     naive = -(rows * torch.log(p16.clamp(min=1e-8)) + (1 - rows) * torch.log((1 - p16).clamp(min=1e-8))).sum()
-    print(f"  (for contrast, log(sigmoid(x).clamp(min=1e-8)) in fp16 gives {naive.item()}: 1e-8 is 0 in fp16)")
+    print(f"  for contrast, log(sigmoid(x).clamp(min=1e-8)) in fp16 gives {naive.item()} (1e-8 is 0 in fp16)")
 
     plot_shapes("docs/figures/04_asl_shapes.png")
     print(f"wrote docs/figures/04_asl_shapes.png; self-check took {time.perf_counter() - start:.1f} s")
@@ -264,8 +262,7 @@ def self_check():
 
 def benchmark(threads=1, repeats=15, inner=50, B=128, K=80):
     """Forward+backward time relative to F.binary_cross_entropy_with_logits, interleaved, medians."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or torch.get_num_threads())
     torch.manual_seed(0)
     x = torch.randn(B, K).requires_grad_(True)  # (B, K)
     t = (torch.rand(B, K) < 0.036).float()

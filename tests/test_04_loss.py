@@ -23,6 +23,7 @@ SETTINGS = {  # name: (gamma_neg, gamma_pos, clip)
     "q2l": (2.0, 0.0, 0.0),
     "clip_0.2": (3.0, 2.0, 0.2),
     "gamma_below_1": (0.5, 0.5, 0.05),
+    "clip_only": (0.0, 0.0, 0.1),  # the shift alone: where p <= m, 1 - p_m = 1 exactly, not 1 - p + m
     "bce": (0.0, 0.0, 0.0),
 }
 
