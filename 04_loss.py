@@ -55,7 +55,7 @@ def _focusing_weight(base, gamma, detach):
     """
     if gamma == 0:
         return None  # no pow at all: 0^0 and its derivative never arise
-    if float(gamma).is_integer():  # the usual 1, 2, 4: products are ~5x faster than pow on the CPU
+    if float(gamma).is_integer():  # the usual 1, 2, 4: products are ~3x faster than pow on the CPU
         weight = base
         for _ in range(int(gamma) - 1):
             weight = weight * base
