@@ -184,7 +184,7 @@ def plot_shapes(path):
 
     p = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
     settings = {  # (label, target, gamma_pos, gamma_neg, clip)
-        "positives": [("BCE (g+ = 0, ASL default)", 1, 0, 0, 0), ("g+ = 1", 1, 1, 0, 0), ("g+ = 2 (focal)", 1, 2, 0, 0)],
+        "positives": [("BCE (g+ = 0, ASL default)", 1, 0, 0, 0), ("g+ = 1", 1, 1, 0, 0), ("g+ = 2", 1, 2, 0, 0)],
         "negatives": [("BCE", 0, 0, 0, 0), ("g- = 2 (Q2L)", 0, 0, 2, 0), ("g- = 4", 0, 0, 4, 0),
                       ("g- = 4, m = 0.05 (ASL default)", 0, 0, 4, 0.05), ("g- = 4, m = 0.2", 0, 0, 4, 0.2)],
     }
@@ -294,7 +294,7 @@ if __name__ == "__main__":
     parser.add_argument("--benchmark", action="store_true",
                         help="time forward+backward against BCE on the CPU instead of the self-checks (default: off)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for --benchmark (default 1: at 128 x 80 entries, log/exp hand work to a "
-                             "second thread, and on a busy machine waiting for it swamps the work; 0 = torch's default)")
+                        help="CPU threads for --benchmark (default 1: at 128 x 80 entries, waiting for a second "
+                             "thread costs more than it saves on a busy machine; 0 = torch's default)")
     args = parser.parse_args()
     benchmark(args.threads) if args.benchmark else self_check()

@@ -41,7 +41,8 @@ def formula(x, t, gamma_neg, gamma_pos, clip):
 
 def grid(dtype=torch.float64):
     """Logits whose p lies below, near and above the shifts 0.05 and 0.2, against 5 kinds of target."""
-    p = torch.tensor([0.001, 0.01, 0.03, 0.049, 0.051, 0.1, 0.19, 0.21, 0.5, 0.7, 0.9, 0.99, 0.999], dtype=torch.float64)
+    p = torch.tensor([0.001, 0.01, 0.03, 0.049, 0.051, 0.1, 0.19, 0.21, 0.5, 0.7, 0.9, 0.99, 0.999],
+                     dtype=torch.float64)
     targets = torch.tensor([0.0, 1.0, 0.3, 0.75, -1.0], dtype=torch.float64)
     x = torch.logit(p).repeat(len(targets), 1)  # (5, 13)
     t = targets[:, None].expand_as(x).clone()  # (5, 13)
@@ -92,7 +93,8 @@ def test_float32_batch_matches_the_formula(stage04, name):
     gamma_neg, gamma_pos, clip = SETTINGS[name]
     x, t = grid(torch.float32)
     ours = stage04.asymmetric_loss(x, t, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=0.0)
-    expected = sum(formula(a, b, gamma_neg, gamma_pos, clip) for a, b in zip(x.double().flatten().tolist(), t.flatten().tolist()))
+    pairs = zip(x.double().flatten().tolist(), t.flatten().tolist())
+    expected = sum(formula(a, b, gamma_neg, gamma_pos, clip) for a, b in pairs)
     assert ours.dtype == torch.float32
     assert ours.item() == pytest.approx(expected, rel=1e-6)
 
