@@ -8,10 +8,7 @@ encoding (DETR, Carion et al. 2020) that the transformer adds to its queries and
     python 02_backbone.py               # feature shapes at two sizes, parameter counts, PE figure
     python 02_backbone.py --benchmark   # CPU throughput ± channels_last, resnet101 peak memory
 
-What it builds: `Backbone` (any timm CNN or token model -> (B, C, H, W)), `FrozenBatchNorm2d`
-and `freeze_batchnorm`, `load_weights` (local .pth/.pt/.safetensors), `make_projection`,
-`PositionEmbeddingSine`, `PositionEmbeddingLearned`, `build_position_encoding`.
-Next stage: 03_transformer.py reads these feature maps with label queries.
+Next stage: 03_transformer.py reads these feature maps with one query per label.
 
 Shapes (batch-first): B batch, C backbone channels, S input side, H×W feature map, d model width.
 
@@ -94,20 +91,18 @@ def freeze_batchnorm(module):
 
 
 def freeze_stem_and_first_stage(model):
-    """Set requires_grad=False on the stem and the first stage; returns the frozen names.
-
-    "Stem" and "stage" are taken from timm's `group_matcher(coarse=True)` (the same grouping timm
-    uses for layer-wise learning rates): group 0 is the stem, group 1 the first stage. For a
-    ResNet that is conv1/bn1 + layer1, exactly the official recipe (only layer2-4 train); for
-    ConvNeXt stem + stages.0, EfficientNet conv_stem/bn1 + blocks.0, Swin patch_embed + layers.0,
-    ViT patch_embed/cls_token/pos_embed + blocks.0.
-    """
+    """requires_grad=False on the stem and the first stage, as timm's `group_matcher(coarse=True)`
+    (its grouping for layer-wise learning rates) defines them: groups 0 and 1. ResNet: conv1/bn1 +
+    layer1, the official recipe; TResNet body.conv1 + body.layer1; ConvNeXt stem + stages.0;
+    EfficientNet conv_stem/bn1 + blocks.0; Swin patch_embed + layers.0; ViT patch_embed/cls_token/
+    pos_embed + blocks.0. Returns the frozen names."""
     if not hasattr(model, "group_matcher"):
         raise NotImplementedError(f"{type(model).__name__} has no timm group_matcher; use freeze_stem=False")
     groups = group_parameters(model, model.group_matcher(coarse=True))  # {group id: [names]}
     names = [name for group in sorted(groups)[:2] for name in groups[group]]
+    frozen = set(names)
     for name, parameter in model.named_parameters():
-        if name in names:
+        if name in frozen:
             parameter.requires_grad_(False)
     return names
 
@@ -134,7 +129,7 @@ def create_timm_model(name, pretrained=False, **timm_kwargs):
     except OSError as error:  # every hub failure is an OSError: offline, unreachable, not cached, HTTP
         if not pretrained:
             raise
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         source = timm.models.get_pretrained_cfg(name)
         where = f"huggingface.co/{source.hf_hub_id}" if source and source.hf_hub_id else "the timm hub"
         raise WeightsUnavailableError(
@@ -150,11 +145,9 @@ def create_timm_model(name, pretrained=False, **timm_kwargs):
 def load_weights(model, path, verbose=True):
     """Load a local weights file into `model` (a Backbone or a timm model); returns (missing, unexpected).
 
-    Reads .pth/.pt (torch.load with weights_only=True) or .safetensors through timm's
-    `load_state_dict`, which also unwraps {"state_dict": ...}/{"model": ...} and strips DDP's
-    "module." prefix. A "backbone.body." / "body." prefix (our own checkpoints) is stripped too.
-    Keys of timm's classifier head (fc.* for ResNets) are unexpected by design: Query2Label
-    replaces the ImageNet classifier, so they are reported as expected and skipped.
+    timm's `load_state_dict` reads .pth/.pt (torch.load, weights_only) or .safetensors, unwraps
+    {"state_dict": ...}/{"model": ...} and strips DDP's "module."; we strip "body."-style prefixes.
+    The classifier head's keys (fc.* for ResNets) are unexpected by design: Query2Label replaces it.
     """
     target = model.body if isinstance(model, Backbone) else model
     path = Path(path)
@@ -219,9 +212,11 @@ class Backbone(nn.Module):
                 print(f"!!! backbone {name}: NO pretrained weights, random init. Fine for tests and the"
                       f" built-in data; for real data use pretrained=True or weights=FILE.")
         # token models do not end in a plain NCHW map from forward_features
-        self.token_model = getattr(self.body, "output_fmt", "NCHW") != "NCHW" or hasattr(self.body, "num_prefix_tokens")
+        self.token_model = (getattr(self.body, "output_fmt", "NCHW") != "NCHW"
+                            or hasattr(self.body, "num_prefix_tokens"))
         last = self.body.feature_info[-1]
-        self.stride, self.num_channels = last["reduction"], last["num_chs"] if self.token_model else self.body.num_features
+        self.stride = last["reduction"]
+        self.num_channels = last["num_chs"] if self.token_model else self.body.num_features
         self.frozen_names = freeze_stem_and_first_stage(self.body) if freeze_stem else []
         if frozen_bn:
             freeze_batchnorm(self.body)
@@ -332,15 +327,6 @@ def build_position_encoding(kind, d_model, **kwargs):
     raise ValueError(f"unknown position encoding {kind!r}; expected 'sine' or 'learned'")
 
 
-def count_parameters(module):
-    """(trainable params, frozen params, frozen-BN buffer values incl. statistics)."""
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    frozen_bn = sum(b.numel() for m in module.modules()
-                    if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d)) for b in m.buffers())
-    return trainable, frozen, frozen_bn
-
-
 def plot_position_encoding(path=FIGURE, d_model=256, side=14):
     """Figure: a few sine channels as images, and cosine similarity of one position to all others."""
     import matplotlib
@@ -383,8 +369,8 @@ def memory_probe(grad):
     """Run in a fresh process: peak RSS growth of one resnet101 forward at 448 px, batch 1 (Linux)."""
     import json
 
-    def status(field):  # kB -> MiB, from /proc/self/status
-        return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
+    def status(field):  # kB -> MiB
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith(field)).split()[1]) / 1024
 
     model, x = Backbone("resnet101", verbose=False).train(grad), torch.randn(1, 3, 448, 448)
     weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
@@ -409,8 +395,7 @@ def benchmark(names=("resnet18", "resnet10t"), S=224, batch=8, rounds=5):
     import json
     import subprocess
 
-    print(f"CPU, {torch.get_num_threads()} threads, batch {batch}, {S}px, eval + no_grad, frozen BN,"
-          f" median of {rounds} interleaved rounds")
+    print(f"CPU, {torch.get_num_threads()} threads, batch {batch}, {S}px, eval, no_grad, median of {rounds} rounds")
     layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
     for name in names:
         model, x = Backbone(name, verbose=False).eval(), torch.randn(batch, 3, S, S)
@@ -466,7 +451,10 @@ if __name__ == "__main__":
             model = Backbone(name, args.pretrained, args.weights, verbose=args.weights is not None).eval()
             with torch.no_grad():
                 shapes = [tuple(model(torch.randn(1, 3, S, S)).shape) for S in args.sizes]
-            trainable, frozen, frozen_bn = count_parameters(model)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            frozen_bn = sum(b.numel() for m in model.modules() for b in m.buffers()
+                            if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d)))
             print(f"{name:18s} C={model.num_channels:5d} stride={model.stride:2d} "
                   + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes))
                   + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.3f}M"

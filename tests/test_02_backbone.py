@@ -255,3 +255,35 @@ def test_offline_message_from_the_command_line(stage02, tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert "--weights" in result.stderr and "test_resnet" in result.stderr
+
+
+def test_torchvision_resnet_file_loads_with_the_same_names(stage02, tmp_path):
+    """A torchvision ResNet checkpoint (the official Query2Label backbone) loads key for key."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "torchvision_resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = stage02.Backbone("resnet18", weights=path, verbose=False).eval()
+    missing, unexpected = stage02.load_weights(model, path, verbose=False)
+    assert missing == [] and sorted(unexpected) == ["fc.bias", "fc.weight"]
+    features = nn.Sequential(*list(reference.children())[:-2])  # everything before avgpool and fc
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), features(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_features_and_encoding_follow_device_and_dtype(stage02):
+    model = stage02.Backbone("test_resnet", verbose=False).cuda().eval()
+    pe = stage02.PositionEmbeddingSine(32)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        features = model(torch.randn(2, 3, 128, 128, device="cuda"))
+    pos = pe(features)
+    assert features.is_cuda and pos.device == features.device and pos.dtype == features.dtype
+    cpu = pe(torch.zeros(1, 1, *features.shape[-2:]))
+    torch.testing.assert_close(pos.float().cpu(), cpu, atol=2e-3, rtol=0)  # fp16 rounding
