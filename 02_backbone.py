@@ -118,6 +118,10 @@ def create_timm_model(name, pretrained=False, **timm_kwargs):
     `timm_kwargs` go to the model's constructor (e.g. drop_path_rate=0.1, img_size=384)."""
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; list candidates with timm.list_models('*{name}*')")
+    source = timm.models.get_pretrained_cfg(name)
+    if pretrained and not (source and (source.hf_hub_id or source.url or source.file)):
+        raise WeightsUnavailableError(f"timm has no pretrained weights for {name!r}; pass weights=FILE or"
+                                      f" train from scratch (pretrained=False)")
     kwargs = dict(pretrained=pretrained, num_classes=0, global_pool="", **timm_kwargs)
     try:
         try:  # token models interpolate their position table to any input size with this flag
@@ -130,8 +134,7 @@ def create_timm_model(name, pretrained=False, **timm_kwargs):
         if not pretrained:
             raise
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        source = timm.models.get_pretrained_cfg(name)
-        where = f"huggingface.co/{source.hf_hub_id}" if source and source.hf_hub_id else "the timm hub"
+        where = f"huggingface.co/{source.hf_hub_id}" if source.hf_hub_id else source.url
         raise WeightsUnavailableError(
             f"cannot get pretrained weights for {name!r} from {where}: {reason}\n"
             f"  This machine is probably offline and the weights are not in the hub cache. Either\n"
