@@ -558,65 +558,71 @@ def with_torch_attention(module, need_weights_default=False):
 
 
 def time_interleaved(candidates, repeats):
-    """Median seconds of one forward+backward per candidate, candidates run in turn each round."""
+    """Median seconds of one call per candidate, as {name: (wall, cpu)}, over `repeats` rounds.
+
+    Each round runs every candidate once, in a rotated order, so a noisy spell on a shared machine
+    hits them all. `cpu` is this process's CPU time (all threads): it counts the work done and not
+    the time spent waiting for a core, so it is the steadier figure on a busy machine; on a quiet
+    machine the two agree."""
     times = {name: [] for name in candidates}
+    names = list(candidates)
     for round_ in range(repeats + 1):  # round 0 warms up
-        for name, step in candidates.items():
-            start = time.perf_counter()
-            step()
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            candidates[name]()
             if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
 
 
 def benchmark(repeats, batch):
+    """Forward+backward times in training mode (dropout 0.1), ours against nn.MultiheadAttention."""
     torch.manual_seed(0)
-    d, h = 2048, 4
-    print(f"fp32 CPU, {torch.get_num_threads()} threads, batch {batch}, width {d}, {h} heads, training mode, "
-          f"dropout 0.1; forward+backward, median of {repeats} interleaved rounds")
-    ours = MultiHeadAttention(d, h, dropout=0.1)
-    explicit = copy.deepcopy(ours)
+    d, h, N = 2048, 4, 196  # the official R101 head at 448 px: 14 x 14 tokens
+    print(f"fp32 CPU, {torch.get_num_threads()} threads, batch {batch}, training mode (dropout 0.1), "
+          f"forward+backward; medians of {repeats} interleaved rounds, wall-clock / process CPU time")
+    fused = MultiHeadAttention(d, h, dropout=0.1)
+    explicit = copy.deepcopy(fused)
     explicit.fused = False
-    torch_fast = with_torch_attention(nn.Sequential(ours))[0]
-    torch_detr = with_torch_attention(nn.Sequential(ours), need_weights_default=True)[0]
-    for title, Lq in (("cross-attention, 80 label queries over 196 tokens", 80),
-                      ("encoder self-attention over 196 tokens", 196)):
-        memory = torch.randn(batch, 196, d, requires_grad=True)
-        pos = torch.randn(1, 196, d)
-        queries = memory if Lq == 196 else torch.randn(batch, Lq, d, requires_grad=True)
-        query_pos = pos if Lq == 196 else torch.randn(1, Lq, d)
+    candidates = {"nn.MHA(need_weights=False)": with_torch_attention(nn.Sequential(fused))[0],
+                  "nn.MHA(need_weights=True)": with_torch_attention(nn.Sequential(fused), True)[0],
+                  "ours explicit": explicit, "ours fused": fused}
+    show = lambda t: f"{t[0] * 1e3:7.0f} ms wall {t[1] * 1e3:7.0f} ms cpu"  # noqa: E731
+    ratios = lambda a, b: f"{a[0] / b[0]:.3f} wall, {a[1] / b[1]:.3f} cpu"  # noqa: E731
+    for title, Lq in (("cross-attention: 80 label queries over 196 tokens", 80),
+                      ("encoder self-attention over 196 tokens", N)):
+        memory, pos = torch.randn(batch, N, d, requires_grad=True), torch.randn(1, N, d)
+        labels, query_pos = torch.randn(batch, Lq, d, requires_grad=True), torch.randn(1, Lq, d)
 
-        def step(attention, need_weights=False):
-            def run():
-                out = attention(queries + query_pos, memory + pos, memory, need_weights=need_weights)[0]
-                out.sum().backward()
+        def step(attention):
+            def run():  # called exactly as our encoder / decoder layers call it
+                k = memory + pos
+                q = k if Lq == N else labels + query_pos
+                attention(q, k, memory, need_weights=attention is explicit)[0].sum().backward()
             return run
 
-        t = time_interleaved({"torch": step(torch_fast), "torch_w": step(torch_detr),
-                              "explicit": step(explicit, need_weights=True), "fused": step(ours)}, repeats)
-        print(f"\n{title}: nn.MultiheadAttention {t['torch'] * 1e3:.0f} ms (need_weights=False), "
-              f"{t['torch_w'] * 1e3:.0f} ms (need_weights=True, as DETR and the official code call it)")
-        for name, target in (("explicit", 1.15), ("fused", 1.0)):
-            ratio = t[name] / t["torch"]
-            print(f"  ours {name:8s} {t[name] * 1e3:6.0f} ms   / nn.MHA(need_weights=False) = {ratio:.3f} "
-                  f"(target <= {target}: {'met' if ratio <= target else 'MISSED'})   "
-                  f"/ nn.MHA(need_weights=True) = {t[name] / t['torch_w']:.3f}")
+        t = time_interleaved({name: step(a) for name, a in candidates.items()}, repeats)
+        print(f"\n{title}, width {d}, {h} heads")
+        for name in candidates:
+            print(f"  {name:27s} {show(t[name])}")
+        for name, target in (("ours explicit", 1.15), ("ours fused", 1.0)):
+            print(f"  {name} / nn.MHA(need_weights=False): {ratios(t[name], t['nn.MHA(need_weights=False)'])} "
+                  f"(target <= {target});  / nn.MHA(need_weights=True), as DETR and the official code "
+                  f"call it: {ratios(t[name], t['nn.MHA(need_weights=True)'])}")
 
-    print("\nwhole head after the backbone (projection, position, encoder, decoder, classifier), 80 classes, "
-          "features of a 448 px image (14 x 14):")
+    print(f"\nwhole head after the backbone (projection, position, encoder, decoder, classifier), "
+          f"80 classes, {N} tokens (a 448 px image at stride 32):")
     for preset in ("official_r101", "demo"):
         config = dataclasses.replace(PRESETS[preset], num_classes=80, pretrained=False)
         model = Query2Label(config).train()
         features = torch.randn(batch, model.backbone.num_channels, 14, 14, requires_grad=True)
-
-        def step(model):
-            return lambda: model.forward_head(features).sum().backward()
-
-        t = time_interleaved({"ours": step(model), "torch": step(with_torch_attention(model))}, repeats)
+        models = {"ours": model, "torch": with_torch_attention(model)}
+        t = time_interleaved({k: lambda m=m: m.forward_head(features).sum().backward() for k, m in models.items()},
+                             repeats)
         params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.backbone.parameters())
-        print(f"  {preset:13s} d {config.d_model:4d}, ff {config.dim_feedforward}, {params / 1e6:6.1f} M parameters: "
-              f"{t['ours'] * 1e3:7.0f} ms per batch of {batch} ({t['ours'] * 1e3 / batch:.1f} ms per image); "
-              f"same head on nn.MultiheadAttention {t['torch'] * 1e3:.0f} ms: ratio {t['ours'] / t['torch']:.3f}")
+        print(f"  {preset} (d {config.d_model}, ff {config.dim_feedforward}, {params / 1e6:.1f} M parameters): "
+              f"{show(t['ours'])} per batch of {batch} ({t['ours'][0] * 1e3 / batch:.0f} ms wall per image);"
+              f" / the same head on nn.MultiheadAttention: {ratios(t['ours'], t['torch'])}")
 
 
 if __name__ == "__main__":
@@ -625,7 +631,11 @@ if __name__ == "__main__":
                         help="time attention and the whole head against torch.nn instead (a few minutes)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate (default 5)")
     parser.add_argument("--batch", type=int, default=16, help="batch size for the benchmark (default 16)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's choice); 1 gives steadier figures on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     benchmark(args.repeats, args.batch) if args.benchmark else self_check()
     print(f"\ndone in {time.perf_counter() - started:.1f} s")

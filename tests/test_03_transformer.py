@@ -9,8 +9,10 @@ Dropout is 0 wherever outputs are compared. Learner mode: Q2L_STAGE_03=my_file.p
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -468,3 +470,35 @@ def test_converter_refuses_wrong_shapes_and_loads_nothing(stage03, r18_pair, tmp
     assert torch.equal(model.fc.W, before)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         stage03.load_official_checkpoint(model, tmp_path / "nope.pth")
+
+
+# * learner mode -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_stage03():
+    saved = sys.modules.get("03_transformer")
+    yield
+    if saved is None:
+        sys.modules.pop("03_transformer", None)
+    else:
+        sys.modules["03_transformer"] = saved
+
+
+def test_these_tests_run_on_a_learners_file(tmp_path, restore_stage03):
+    # Loaded as Q2L_STAGE_03=my_transformer.py would load it: a learner who has written attention only.
+    source = (conftest.ROOT / "03_transformer.py").read_text()
+    attention_only = source.split("\nclass TransformerEncoderLayer(")[0] + "\n"
+    mine = tmp_path / "my_transformer.py"
+    mine.write_text(attention_only)
+    stage = conftest.Stage(conftest.load_learner_file(3, mine), mine)
+    test_attention_matches_torch(stage, torch.float64, F64, True)
+    with pytest.raises(pytest.skip.Exception, match="my_transformer.py does not define `TransformerEncoderLayer` yet"):
+        test_encoder_layer_matches_torch(stage, False, False)
+    # A classic slip, the softmax taken over the queries instead of the keys, is caught.
+    right = "weights = scores.softmax(dim=-1)"
+    assert attention_only.count(right) == 1
+    slip = tmp_path / "slip_transformer.py"
+    slip.write_text(attention_only.replace(right, "weights = scores.softmax(dim=-2)"))
+    stage = conftest.Stage(conftest.load_learner_file(3, slip), slip)
+    with pytest.raises(AssertionError):
+        test_attention_matches_torch(stage, torch.float64, F64, True)
