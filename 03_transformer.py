@@ -310,6 +310,8 @@ class Transformer(nn.Module):
         if query_pos is not None and query_pos.dim() == 2:
             query_pos = query_pos.unsqueeze(0)  # (1, K, d), shared by every image
         if tgt is None:
+            if query_pos is None:
+                raise ValueError("Transformer needs the decoder queries: pass query_pos (K, d) or tgt (B, K, d)")
             tgt = src.new_zeros(src.shape[0], query_pos.shape[1], self.d_model)  # (B, K, d)
         return self.decoder(tgt, memory, need_weights=need_weights, pos=pos, query_pos=query_pos,
                             memory_key_padding_mask=src_key_padding_mask)
@@ -318,8 +320,9 @@ class Transformer(nn.Module):
 class GroupWiseLinear(nn.Module):
     """One linear classifier per label:  logit_k = <W_k, h_k> + b_k,   W (1, K, d), b (1, K).
 
-    Why not nn.Linear(d, K)? That would score every class from every query; here query k alone
-    decides label k, so each label embedding is pushed to find the evidence for its own class.
+    Why not one nn.Linear(K*d, K) over all decoded queries? It would let every query vote on every
+    class; here query k alone decides label k, so label embedding k is pushed to find the evidence
+    for its own class, wherever it is in the image.
     """
 
     def __init__(self, num_classes, d_model):
@@ -334,6 +337,8 @@ class GroupWiseLinear(nn.Module):
 
 @dataclasses.dataclass
 class Q2LConfig:
+    """Everything that defines a Query2Label model; plain values, so asdict() is JSON (checkpoints)."""
+
     num_classes: int = 80
     backbone: str = "resnet101"
     pretrained: bool = False  # ImageNet weights through timm (needs the network or timm's cache)
@@ -366,9 +371,11 @@ class Query2Label(nn.Module):
     -> encoder over N = H*W tokens -> decoder with K label queries -> GroupWiseLinear -> logits (B, K).
 
     The logits are raw scores: sigmoid is applied by the loss and at prediction, never softmax
-    (labels are not mutually exclusive). Deviations from the official code: the position encoding
-    is recomputed for every input size (the official buffer is fixed to one size); no decoder
-    auxiliary outputs; attention maps on request from the same forward pass.
+    (labels are not mutually exclusive). Deviations from the paper: no decoder self-attention by
+    default (the official code's default); the official R101 recipe has no input projection.
+    From the official code: the position encoding is recomputed for every input size (the official
+    buffer is fixed to one size); attention maps on request from the same forward pass; separate
+    q/k/v weights (load_official_checkpoint converts).
     """
 
     def __init__(self, config: Q2LConfig):

@@ -268,6 +268,7 @@ def test_position_goes_to_queries_and_keys_not_values(stage03):
 
 # * the whole encoder-decoder ----------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # torch's own note about its fast path
 @pytest.mark.parametrize("pre", [False, True], ids=["post-norm", "pre-norm"])
 def test_transformer_matches_nn_transformer(stage03, pre):
     torch.manual_seed(0)
