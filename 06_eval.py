@@ -70,7 +70,7 @@ def _first(mask):
 
 
 def _check_inputs(scores, targets):
-    """Return (scores, targets) as numpy arrays (N, K), or raise an error that says what is wrong and where."""
+    """Return (scores, targets) as numpy arrays (N, K), or raise an error saying what is wrong, and where."""
     scores, targets = _to_numpy(scores, "scores"), _to_numpy(targets, "targets")
     if scores.ndim != 2 or targets.ndim != 2:
         raise ValueError(f"scores and targets must be 2-D (N images, K classes); got scores {scores.shape}, "
@@ -297,13 +297,15 @@ def self_check(seed=0):
     print("06_eval.py self-check, on the 4-image x 5-class worked example of docs/06_eval.md")
     for interpolated, hand in ((False, EXAMPLE_AP), (True, EXAMPLE_VOC_AP)):
         result = mean_average_precision(scores, targets, interpolated, EXAMPLE_CLASSES)
-        per_class = "  ".join(f"{c} {v:.2f}" for c, v in zip(EXAMPLE_CLASSES, result["per_class"], strict=True))
+        values = zip(EXAMPLE_CLASSES, result["per_class"], strict=True)
+        per_class = "  ".join(f"{name} {value:.2f}" for name, value in values)
         print(f"  {format_metrics(result)}\n       per class: {per_class}")
         _report(checks, "per-class AP vs hand-computed", result["per_class"], 100 * np.array(hand), 1e-9)
     for top_k, hand in ((None, EXAMPLE_AT_HALF), (3, EXAMPLE_TOP3)):
         result = threshold_metrics(scores, targets, 0.5, top_k)
         print(f"  {format_metrics(result)}")
-        _report(checks, "CP CR CF1 OP OR OF1 vs hand-computed", [result[k] for k in hand], list(hand.values()), 1e-9)
+        _report(checks, "CP CR CF1 OP OR OF1 vs hand-computed", [result[key] for key in hand],
+                list(hand.values()), 1e-9)
     unknown = targets.copy()
     unknown[2, 0] = -1  # image 2's A was the only false positive of class A; unknown, it no longer counts
     _report(checks, "unknown target ignored (CP rises to 7/15)", threshold_metrics(scores, unknown)["CP"],
@@ -319,13 +321,14 @@ def self_check(seed=0):
         targets[:, 1], targets[:, 2] = 0, 1  # a class without positives, a class without negatives
         ours = average_precision(scores, targets)
         theirs = [average_precision_score(targets[:, k], scores[:, k]) for k in range(20) if k != 1]
-        print(f"  500 x 20 random scores with ties; class 1 has no positive (AP {ours[1]}), class 2 no negative")
+        print(f"  500 x 20 random scores with ties; class 1 has no positive (AP {ours[1]}), "
+              "class 2 no negative")
         _report(checks, "per-class AP vs scikit-learn", np.delete(ours, 1), theirs, 1e-10)
     print(f"{sum(checks)}/{len(checks)} checks passed in {time.perf_counter() - start:.2f} s.\n")
     print("Evaluating a checkpoint (`--checkpoint runs/<name>/best.pt`), predicting labels for images and\n"
           "drawing attention maps come with stage 5, once 05_train.py writes checkpoints. Until then:\n"
           "  python 06_eval.py --benchmark   speed and agreement with scikit-learn at COCO val size\n"
-          "  python 06_eval.py --figures     the AP-vs-VOC figure and the metric comparisons of docs/06_eval.md")
+          "  python 06_eval.py --figures     the AP-vs-VOC figure and the comparisons of docs/06_eval.md")
     return all(checks)
 
 
@@ -371,9 +374,9 @@ def benchmark(seed=0, num_images=40504, num_classes=80, rounds=5):
 
 
 def simulated_model_scores(num_images=40504, num_classes=80, seed=0):
-    """Scores shaped like a trained model's on COCO val (not a real model): class 0 on 45% of the images
-    like "person", the others on 0.5-10% (log-uniform, ~2.9 labels per image in all), and per-class logits
-    N(0, 1) - 3 for negatives, shifted up by a per-class separation of 2-5 for positives."""
+    """Scores shaped like a trained model's on COCO val (not a real model): class 0 on 45% of the
+    images (like COCO's "person"), the others on 0.5-10% (log-uniform; ~3.1 labels per image), and
+    per-class logits N(0, 1) - 3 for negatives, shifted up by a separation of 2-5 for positives."""
     rng = np.random.default_rng(seed)
     prevalence = np.exp(rng.uniform(np.log(0.005), np.log(0.10), num_classes))
     prevalence[0] = 0.45
@@ -416,7 +419,8 @@ def compare_and_plot(out_dir="docs/figures", seed=0):
     in_order = _voc_ap_ties_in_order(tied, model_targets)
     print("2. VOC AP on the simulated model's scores rounded to 2 decimals: ties as one threshold (ours) vs\n"
           f"   ties ranked by image index (official code): mAP {100 * ours.mean():.2f} vs "
-          f"{100 * in_order.mean():.2f}, largest per-class difference {100 * np.abs(ours - in_order).max():.2f}")
+          f"{100 * in_order.mean():.2f}, largest per-class difference "
+          f"{100 * np.abs(ours - in_order).max():.2f}")
     print("3. Per-class mAP vs flattened per-batch retrieval AP (curt-tigges' '90.4'), simulated model")
     print(f"  per class: {format_metrics(mean_average_precision(model_scores, model_targets))}")
     for batch_size in (8, 24, 64, 256, len(model_scores)):

@@ -61,7 +61,8 @@ def sklearn_ap(scores, targets):
 
 def reference_voc_ap(s, y):
     """VOC all-point AP of one class, straight from the definition: precision/recall at every distinct
-    threshold (ties grouped), sentinels (0, 0) and (1, 0), envelope from the right, area where recall moves."""
+    threshold (ties grouped), sentinels (0, 0) and (1, 0), envelope from the right, area where recall
+    moves."""
     s, y = s[y >= 0], y[y >= 0]
     recall, precision = [], []
     for t in np.unique(s)[::-1]:
@@ -176,7 +177,8 @@ def test_voc_ap_matches_the_definition_and_bounds_ap(stage06, seed):
 #   D: Nc 1 Np 2 Ng 2 -> 1/2, 1/2     E: Nc 0 Np 0 Ng 1 -> 0 (never predicted: precision counts as 0), 0
 #   CP = (3/4 + 1/2 + 1/3 + 1/2 + 0) / 5 = 5/12     CR = (1 + 1/2 + 1/2 + 1/2 + 0) / 5 = 1/2
 #   CF1 = 2 CP CR / (CP + CR) = (5/12) / (11/12) = 5/11
-#   OP = 6/11 (6 correct of 11 predicted)   OR = 6/10 (of 10 positives)   OF1 = 2 (6/11)(6/10) / (6/11 + 6/10) = 4/7
+#   OP = 6/11 (6 correct of 11 predicted)   OR = 6/10 (of 10 positives)
+#   OF1 = 2 (6/11)(6/10) / (6/11 + 6/10) = 4/7
 HAND_AT_HALF = {"CP": 5 / 12, "CR": 1 / 2, "CF1": 5 / 11, "OP": 6 / 11, "OR": 6 / 10, "OF1": 4 / 7}
 # Top-3 (and also >= 0.5, as in ML-GCN's code that the papers' numbers come from): img2 ranks D 0.9, B 0.6,
 # C 0.6, A 0.55, so A drops out; img1's third label B (0.4) and img3's third label E (0.45) are below 0.5.
@@ -289,7 +291,8 @@ SOFT[0, 1] = 0.3
     (NAN_SCORES, TARGETS, r"scores contains 2 NaN and 0 infinite value\(s\), the first at image 1, class 2"),
     (SCORES, np.where(TARGETS == 1, np.nan, TARGETS), r"targets contains 10 NaN"),
     (np.where(SCORES > 0.85, np.inf, SCORES), TARGETS, r"scores contains 0 NaN and 2 infinite"),
-    (SCORES, SOFT, r"targets must be 1 \(positive\), 0 \(negative\) or < 0.*1 other value.*0\.3 at image 0, class 1"),
+    (SCORES, SOFT,
+     r"targets must be 1 \(positive\), 0 \(negative\) or < 0.*1 other value.*0\.3 at image 0, class 1"),
     (SCORES[:0], TARGETS[:0], r"nothing to score"),
 ])
 def test_bad_input_is_named(stage06, scores, targets, message):
