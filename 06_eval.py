@@ -336,8 +336,11 @@ def benchmark(seed=0, num_images=40504, num_classes=80, rounds=5):
     """Our mAP vs a per-class scikit-learn loop on the same data in the same run; the two are timed in
     alternation (this machine is shared), and we report the best time of each and the median of the
     per-round ratios. Then the other metrics' times."""
-    from sklearn.metrics import average_precision_score
-
+    try:
+        from sklearn.metrics import average_precision_score
+    except ImportError:
+        raise SystemExit("--benchmark compares with scikit-learn, which is not installed: "
+                         "pip install -r requirements-dev.txt") from None
     rng = np.random.default_rng(seed)
     # sigmoid outputs are float32; stage 1's labels are float32 0/1; COCO val has ~2.9 of 80 labels/image
     scores = rng.random((num_images, num_classes), dtype=np.float32)
