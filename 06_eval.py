@@ -82,14 +82,15 @@ def _check_inputs(scores, targets):
         raise ValueError(f"nothing to score: scores and targets have shape {scores.shape}")
     if scores.dtype not in (np.float32, np.float64):
         scores = scores.astype(np.float64)
-    for array, name in ((scores, "scores"), (targets, "targets")):
-        # min and max are NaN if any entry is: two cheap reductions instead of a mask over every entry
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite([array.min(), array.max()]).all():
+    # min and max are NaN if any entry is: two cheap reductions per array instead of masks
+    bounds = [(array.min(), array.max()) for array in (scores, targets)]
+    for array, extremes, name in zip((scores, targets), bounds, ("scores", "targets"), strict=True):
+        if not np.isfinite(extremes).all():
             nan, inf = np.isnan(array), np.isinf(array)
             raise ValueError(f"{name} contains {nan.sum()} NaN and {inf.sum()} infinite value(s), the first "
                              f"at {_first(nan | inf)}; a metric over them would be meaningless")
     # the only bad values left are > 1 or strictly between 0 and 1 (float targets only)
-    if targets.max() > 1 or (targets.dtype.kind == "f" and ((targets > 0) & (targets < 1)).any()):
+    if bounds[1][1] > 1 or (targets.dtype.kind == "f" and ((targets > 0) & (targets < 1)).any()):
         bad = (targets > 1) | ((targets > 0) & (targets < 1))
         raise ValueError(f"targets must be 1 (positive), 0 (negative) or < 0 (unknown, ignored); found "
                          f"{bad.sum()} other value(s), e.g. {targets[bad][0]} at {_first(bad)} "

@@ -141,6 +141,10 @@ def test_accepts_torch_tensors(stage06):
     expected = stage06.average_precision(scores, targets)
     from_torch = stage06.average_precision(torch.from_numpy(scores), torch.from_numpy(targets))
     np.testing.assert_allclose(from_torch, expected, rtol=0, atol=1e-12, equal_nan=True)
+    # boolean and float32 targets mean the same as 0/1 integers
+    np.testing.assert_allclose(stage06.average_precision(SCORES, TARGETS == 1), HAND_AP, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stage06.average_precision(SCORES, TARGETS.astype(np.float32)), HAND_AP,
+                               rtol=0, atol=1e-12)
     # bfloat16 scores (numpy has no bfloat16): compared with the same values in float32
     low = torch.from_numpy(scores).to(torch.bfloat16)
     np.testing.assert_allclose(stage06.average_precision(low, torch.from_numpy(targets).float()),
