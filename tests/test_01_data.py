@@ -182,6 +182,16 @@ def test_transform_shapes_dtypes_and_ranges(stage01):
     torch.testing.assert_close(white, high.expand(3, 32, 32), rtol=0, atol=1e-6)
 
 
+def test_normalisation_matches_torchvision(stage01):
+    from torchvision import transforms as T
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (7, 7, 3), dtype=np.uint8))
+    expected = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(T.ToTensor()(image))
+    x = stage01.build_transforms(7, train=False)(image)  # already 7 x 7: the resize changes nothing
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    assert x.is_contiguous()
+
+
 def test_cutout_zeroes_one_square(stage01):
     image = Image.new("RGB", (32, 32), (200, 100, 50))  # never the mean colour, so never 0 anywhere
     colour = (torch.tensor([200, 100, 50])[:, None, None] / 255 - MEAN) / STD
@@ -282,7 +292,7 @@ TINY_RECIPE = dict(image_size=32, train_images=6, val_images=3)
 def test_built_in_dataset_is_deterministic_and_follows_its_recipe(stage01, tmp_path):
     recipe = stage01.SyntheticRecipe(**TINY_RECIPE)
     a = stage01.ensure_synthetic(tmp_path / "a", seed=1, recipe=recipe)
-    b = stage01.ensure_synthetic(tmp_path / "b", seed=1, recipe=recipe)
+    stage01.ensure_synthetic(tmp_path / "b", seed=1, recipe=recipe)
     c = stage01.ensure_synthetic(tmp_path / "c", seed=2, recipe=recipe)
     assert a.kind == "synthetic" and "generated" in a.note
 
@@ -430,35 +440,33 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(stage01, tiny):
 
 
 # ----------------------------------------------------------------------------- learner mode, end to end
-def run_tests_against(path, selection):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("Q2L_STAGE_")}
-    env.update(Q2L_STAGE_01=str(path), Q2L_E2E_CHILD="1")
-    return subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", __file__,
-                           "-k", selection], cwd=conftest.ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_tests_against(files, selection):
+    """Run the selected tests once per learner file, all at once (each run is mostly imports)."""
+    runs = []
+    for path in files:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("Q2L_STAGE_")}
+        env.update(Q2L_STAGE_01=str(path), Q2L_E2E_CHILD="1")  # the child must not run this test again
+        runs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", __file__,
+                                      "-k", selection], cwd=conftest.ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+    return [(run.communicate(timeout=300)[0], run.returncode) for run in runs]
 
 
 @pytest.mark.skipif(os.environ.get("Q2L_E2E_CHILD") == "1", reason="already inside the end-to-end run")
 def test_learner_mode_end_to_end(tmp_path):
     source = (conftest.ROOT / "01_data.py").read_text()
-    selection = "(hand_written or cutmix_lambda) and not end_to_end"
-
-    copy = tmp_path / "my_data.py"
+    line = "labels[order[pos], cols] = 1.0"
+    assert source.count("class CutMix:") == 1 and source.count(line) == 1, "update the edits below"
+    copy, partial, broken = tmp_path / "my_data.py", tmp_path / "half_done.py", tmp_path / "broken.py"
     copy.write_text(source)
-    result = run_tests_against(copy, selection)
-    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout + result.stderr
-    assert "learner mode: stage 01_data <- " in result.stdout
-
-    partial = tmp_path / "half_done.py"
-    assert source.count("class CutMix:") == 1
     partial.write_text(source.replace("class CutMix:", "class NotYetCutMix:"))
-    result = run_tests_against(partial, selection)
-    assert result.returncode == 0 and "1 passed, 1 skipped" in result.stdout, result.stdout
-    assert "half_done.py does not define `CutMix` yet" in result.stdout
+    broken.write_text(source.replace(line, "labels[pos, cols] = 1.0"))  # rows in id order, not file order
+    (same, code), (half, half_code), (bad, bad_code) = run_tests_against(
+        [copy, partial, broken], "(hand_written or cutmix_lambda) and not end_to_end")
 
-    broken = tmp_path / "broken.py"
-    line = "cat_ids = np.array(sorted(coco.getCatIds()), dtype=np.int64)"
-    assert source.count(line) == 1
-    broken.write_text(source.replace(line, "cat_ids = np.array(coco.getCatIds(), dtype=np.int64)"))
-    result = run_tests_against(broken, selection)
-    assert result.returncode == 1 and "1 failed, 1 passed" in result.stdout, result.stdout
-    assert "test_labels_match_hand_written_annotations" in result.stdout
+    assert code == 0 and "2 passed" in same, same
+    assert "learner mode: stage 01_data <- " in same and "my_data.py" in same
+    assert half_code == 0 and "1 passed, 1 skipped" in half, half
+    assert "half_done.py does not define `CutMix` yet" in half
+    assert bad_code == 1 and "1 failed, 1 passed" in bad, bad
+    assert "test_labels_match_hand_written_annotations" in bad and "assert_close" in bad
