@@ -74,6 +74,13 @@ class Stage:
                 raise
             pytest.skip(f"{self._learner_file.name} does not define `{attribute}` yet")
 
+    def __setattr__(self, attribute, value):
+        # monkeypatch.setattr(stage05, "build_loss", ...) must patch the module the code runs in
+        if attribute.startswith("_"):
+            object.__setattr__(self, attribute, value)
+        else:
+            setattr(self._module, attribute, value)
+
     def __repr__(self):
         source = self._learner_file or getattr(self._module, "__file__", "?")
         return f"<stage {self._module.__name__} from {source}>"
@@ -205,3 +212,16 @@ def tiny_coco(tmp_path_factory):
     train_images, train_ann = write_tiny_coco(root / "train", 32, seed=1)
     val_images, val_ann = write_tiny_coco(root / "val", 15, seed=2)
     return {"train_images": train_images, "train_ann": train_ann, "val_images": val_images, "val_ann": val_ann}
+
+
+def tiny_train_args(tiny_coco, out_dir, name, *extra, epochs=2):
+    """05_train.py flags for a model and recipe small enough for a few seconds per epoch on a CPU:
+    4 steps of 8 images per epoch, 64 px, a 0.4M-parameter backbone, d 32."""
+    return [
+        "--train-images", str(tiny_coco["train_images"]), "--train-ann", str(tiny_coco["train_ann"]),
+        "--val-images", str(tiny_coco["val_images"]), "--val-ann", str(tiny_coco["val_ann"]),
+        "--preset", "demo", "--backbone", "test_resnet", "--no-pretrained", "--d-model", "32",
+        "--heads", "2", "--ff", "64", "--img-size", "64", "--batch-size", "8", "--epochs", str(epochs),
+        "--workers", "0", "--amp", "off", "--deterministic", "--lr", "1e-3",
+        "--out-dir", str(out_dir), "--name", name, *extra,
+    ]
