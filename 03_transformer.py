@@ -427,6 +427,9 @@ def convert_official_state_dict(state_dict):
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"expected a state dict (a dict of tensors), got {type(state_dict).__name__}")
+    if state_dict.get("format") == "q2l-checkpoint-v1":
+        raise ValueError("this is one of this project's own checkpoints, not an official one: "
+                         "load it with model.load_state_dict(checkpoint['model'])")
     report = {"wrapper": None, "dropped": [], "unplaced": []}
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict.get(wrapper), dict):

@@ -365,6 +365,21 @@ def test_query2label_head_is_the_explicit_per_class_loop(stage03, tiny_model):
         torch.testing.assert_close(logits[:, k], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_cuda_kernels_under_autocast_match_float32(stage03, dtype):
+    torch.manual_seed(0)
+    model = stage03.Query2Label(tiny_config(stage03)).cuda().eval()
+    images = torch.randn(2, 3, 96, 96, device="cuda")
+    with torch.no_grad():
+        reference, maps = model(images, return_attention=True)
+        with torch.autocast("cuda", dtype=dtype):
+            fast = model(images)  # flash / memory-efficient SDPA kernels
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast.float(), reference, atol=5e-2, rtol=0)
+    torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 7, device="cuda"), atol=1e-4, rtol=0)
+
+
 def test_query2label_rejects_wrong_image_shape(stage03, tiny_model):
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
         tiny_model(torch.randn(3, 64, 64))
@@ -471,6 +486,8 @@ def test_converter_refuses_wrong_shapes_and_loads_nothing(stage03, r18_pair, tmp
     assert torch.equal(model.fc.W, before)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         stage03.load_official_checkpoint(model, tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="own checkpoints"):
+        stage03.convert_official_state_dict({"format": "q2l-checkpoint-v1", "model": model.state_dict()})
 
 
 # * learner mode -------------------------------------------------------------------------------------
