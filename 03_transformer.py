@@ -185,7 +185,7 @@ class TransformerEncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout)
         self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout, self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
         self.activation, self.normalize_before = ACTIVATIONS[activation], normalize_before
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, pos=None):
@@ -222,8 +222,7 @@ class TransformerDecoderLayer(nn.Module):
         self.multihead_attn = MultiHeadAttention(d_model, nhead, dropout=dropout)
         self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
         self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout, self.dropout1 = nn.Dropout(dropout), nn.Dropout(dropout)
-        self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout, self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(4))
         self.activation, self.normalize_before = ACTIVATIONS[activation], normalize_before
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
@@ -508,8 +507,8 @@ def self_check():
     out_ref, w_ref = ref(q, kv, kv, average_attn_weights=False)
     out, w = ours(q, kv, kv, need_weights=True, average_weights=False)
     grads_ref = torch.autograd.grad(out_ref.sum(), [q, kv, ref.in_proj_weight])
-    grads = torch.autograd.grad(out.sum(), [q, kv] + [ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
-    grads = list(grads[:2]) + [torch.cat(grads[2:])]
+    grads = torch.autograd.grad(out.sum(), [q, kv, ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+    grads = list(grads[:2]) + [torch.cat(grads[2:])]  # (3d, d), as torch's packed in_proj_weight
     print(f"attention, explicit vs nn.MultiheadAttention: output {max_diff(out, out_ref):.1e}, per-head "
           f"weights {max_diff(w, w_ref):.1e}, gradients {max(map(max_diff, grads, grads_ref)):.1e}")
     print(f"attention, fused vs explicit:                 output {max_diff(ours(q, kv, kv)[0], out):.1e}")
@@ -529,7 +528,8 @@ def self_check():
     ref = nn.Transformer(d, h, 1, 2, 64, 0.0, batch_first=True, **f64)
     ours = Transformer(d, h, 1, 2, 64, 0.0, decoder_self_attention=True, encoder_norm=True).double()
     ours.load_state_dict(split_in_proj(ref.state_dict()))
-    print(f"encoder-decoder vs nn.Transformer (1 + 2 layers, post-norm): {max_diff(ours(x, tgt=tgt)[0], ref(x, tgt)):.1e}")
+    diff = max_diff(ours(x, tgt=tgt)[0], ref(x, tgt))
+    print(f"encoder-decoder vs nn.Transformer (1 + 2 layers, post-norm): {diff:.1e}")
 
     config = dataclasses.replace(PRESETS["demo"], num_classes=20)
     model = Query2Label(config).eval()
