@@ -569,12 +569,12 @@ def with_torch_attention(module, need_weights_default=False):
 
 
 def time_interleaved(candidates, repeats):
-    """Median seconds of one call per candidate, as {name: (wall, cpu)}, over `repeats` rounds.
+    """Seconds of one call per candidate, {name: [(wall, cpu) per round]}, over `repeats` rounds.
 
-    Each round runs every candidate once, in a rotated order, so a noisy spell on a shared machine
-    hits them all. `cpu` is this process's CPU time (all threads): it counts the work done and not
-    the time spent waiting for a core, so it is the steadier figure on a busy machine; on a quiet
-    machine the two agree."""
+    Each round runs every candidate once, back to back in a rotated order, so a noisy spell on a
+    shared machine hits them all; ratios are then taken within a round (see `ratio`). `cpu` is this
+    process's CPU time (all threads): it counts the work done rather than the time spent waiting
+    for a core, so it is the steadier figure on a busy machine; on a quiet machine the two agree."""
     times = {name: [] for name in candidates}
     names = list(candidates)
     for round_ in range(repeats + 1):  # round 0 warms up
@@ -583,7 +583,18 @@ def time_interleaved(candidates, repeats):
             candidates[name]()
             if round_:
                 times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
+    return times
+
+
+def show(times):
+    wall, cpu = (statistics.median(x) * 1e3 for x in zip(*times))
+    return f"{wall:7.0f} ms wall {cpu:7.0f} ms cpu"
+
+
+def ratio(times, reference):
+    """Median over rounds of the per-round ratio: robust to the machine's load drifting during a run."""
+    wall, cpu = (statistics.median(a[i] / b[i] for a, b in zip(times, reference)) for i in (0, 1))
+    return f"{wall:.3f} wall, {cpu:.3f} cpu"
 
 
 def benchmark(repeats, batch):
@@ -591,15 +602,14 @@ def benchmark(repeats, batch):
     torch.manual_seed(0)
     d, h, N = 2048, 4, 196  # the official R101 head at 448 px: 14 x 14 tokens
     print(f"fp32 CPU, {torch.get_num_threads()} threads, batch {batch}, training mode (dropout 0.1), "
-          f"forward+backward; medians of {repeats} interleaved rounds, wall-clock / process CPU time")
+          f"forward+backward; medians of {repeats} interleaved rounds (ratios: median of the per-round ratios), "
+          "wall-clock / process CPU time")
     fused = MultiHeadAttention(d, h, dropout=0.1)
     explicit = copy.deepcopy(fused)
     explicit.fused = False
     candidates = {"nn.MHA(need_weights=False)": with_torch_attention(nn.Sequential(fused))[0],
                   "nn.MHA(need_weights=True)": with_torch_attention(nn.Sequential(fused), True)[0],
                   "ours explicit": explicit, "ours fused": fused}
-    show = lambda t: f"{t[0] * 1e3:7.0f} ms wall {t[1] * 1e3:7.0f} ms cpu"  # noqa: E731
-    ratios = lambda a, b: f"{a[0] / b[0]:.3f} wall, {a[1] / b[1]:.3f} cpu"  # noqa: E731
     for title, Lq in (("cross-attention: 80 label queries over 196 tokens", 80),
                       ("encoder self-attention over 196 tokens", N)):
         memory, pos = torch.randn(batch, N, d, requires_grad=True), torch.randn(1, N, d)
@@ -617,9 +627,9 @@ def benchmark(repeats, batch):
         for name in candidates:
             print(f"  {name:27s} {show(t[name])}")
         for name, target in (("ours explicit", 1.15), ("ours fused", 1.0)):
-            print(f"  {name} / nn.MHA(need_weights=False): {ratios(t[name], t['nn.MHA(need_weights=False)'])} "
+            print(f"  {name} / nn.MHA(need_weights=False): {ratio(t[name], t['nn.MHA(need_weights=False)'])} "
                   f"(target <= {target});  / nn.MHA(need_weights=True), as DETR and the official code "
-                  f"call it: {ratios(t[name], t['nn.MHA(need_weights=True)'])}")
+                  f"call it: {ratio(t[name], t['nn.MHA(need_weights=True)'])}")
 
     print(f"\nwhole head after the backbone (projection, position, encoder, decoder, classifier), "
           f"80 classes, {N} tokens (a 448 px image at stride 32):")
@@ -632,8 +642,8 @@ def benchmark(repeats, batch):
                              repeats)
         params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.backbone.parameters())
         print(f"  {preset} (d {config.d_model}, ff {config.dim_feedforward}, {params / 1e6:.1f} M parameters): "
-              f"{show(t['ours'])} per batch of {batch} ({t['ours'][0] * 1e3 / batch:.0f} ms wall per image);"
-              f" / the same head on nn.MultiheadAttention: {ratios(t['ours'], t['torch'])}")
+              f"{show(t['ours'])} per batch of {batch} ({statistics.median(w for w, _ in t['ours']) * 1e3 / batch:.0f} ms wall per image);"
+              f" / the same head on nn.MultiheadAttention: {ratio(t['ours'], t['torch'])}")
 
 
 if __name__ == "__main__":
