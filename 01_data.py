@@ -271,17 +271,17 @@ SYNTHETIC_VERSION = 1  # bump when the drawing code changes: the stored hash the
 class SyntheticRecipe:
     """Everything the built-in dataset depends on (with the seed); the difficulty knobs live here."""
 
-    image_size: int = 96  # native side in pixels
+    image_size: int = 64  # native side in pixels
     train_images: int = 4000
     val_images: int = 1000
     min_objects: int = 1
     max_objects: int = 4
-    min_scale: float = 0.18  # object size as a fraction of the image side, log-uniform
-    max_scale: float = 0.5
-    max_rotation: float = 180.0  # degrees either way
+    min_scale: float = 0.25  # object size as a fraction of the image side, log-uniform
+    max_scale: float = 0.6
+    max_rotation: float = 30.0  # degrees either way
     aspect_jitter: float = 0.2  # width/height stretched by up to this factor either way
     max_occlusion: float = 0.4  # at most this fraction of an object is hidden by later ones
-    clutter: int = 8  # up to this many distractor strokes and dots
+    clutter: int = 4  # up to this many distractor strokes and dots
     stray_prob: float = 0.15  # chance that an object ignores its scene
     min_contrast: int = 60  # least luminance difference (0..255) between a shape and what is under it
     jpeg_quality: int = 90
@@ -776,7 +776,7 @@ def save_sample_figure(dataset, path, img_size, count=6, seed=0):
     augmented, targets = map(torch.stack, zip(*[dataset[i] for i in index], strict=True))
     mixed, soft = CutMix(alpha=1.0, prob=1.0)(augmented, targets, torch.Generator().manual_seed(seed))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    fig, axes = plt.subplots(3, count, figsize=(2.1 * count, 7.6))
+    fig, axes = plt.subplots(3, count, figsize=(2.1 * count, 8.2))
     for row, (images, labels, name) in enumerate([(raw, targets, "as stored"), (augmented, targets,
                                                   "augmented"), (mixed, soft, "CutMix")]):
         for i in range(count):
