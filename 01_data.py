@@ -479,7 +479,7 @@ def resolve_dataset(data_root="data/coco", train_images=None, train_ann=None, va
     if any(given.values()):
         missing = [flag for flag, value in given.items() if not value]
         if missing:
-            raise ValueError(f"a custom dataset needs all four paths; missing {', '.join(missing)}")
+            raise DataError(f"a custom dataset needs all four paths; missing {', '.join(missing)}")
         absent = [f"{flag} {value}" for flag, value in given.items() if not Path(value).exists()]
         if absent:
             raise FileNotFoundError(f"custom dataset: not found: {'; '.join(absent)}")
@@ -770,13 +770,14 @@ def save_sample_figure(dataset, path, img_size, count=6, seed=0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    count = min(count, len(dataset))
     index = list(range(count))
     plain = build_transforms(img_size, train=False)
     raw = torch.stack([plain(load_image(dataset.image_paths[i])) for i in index])
     augmented, targets = map(torch.stack, zip(*[dataset[i] for i in index], strict=True))
     mixed, soft = CutMix(alpha=1.0, prob=1.0)(augmented, targets, torch.Generator().manual_seed(seed))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    fig, axes = plt.subplots(3, count, figsize=(2.1 * count, 8.2))
+    fig, axes = plt.subplots(3, count, figsize=(2.1 * count, 8.2), squeeze=False)
     for row, (images, labels, name) in enumerate([(raw, targets, "as stored"), (augmented, targets,
                                                   "augmented"), (mixed, soft, "CutMix")]):
         for i in range(count):
@@ -930,14 +931,17 @@ def main():
         benchmark_labels(Path(args.bench_dir))
         benchmark_pipeline(Path(args.bench_dir), args.workers)
         return
-    spec = resolve_dataset(args.data_root, args.train_images, args.train_ann, args.val_images,
-                           args.val_ann, args.synthetic_root, seed=args.seed)
-    print(f"data: {spec.kind}: {spec.note}")
-    img_size = args.img_size or (SyntheticRecipe().image_size if spec.kind == "synthetic" else 448)
-    train = CocoMultiLabel(spec.train_images, spec.train_ann, build_transforms(img_size, train=True),
-                           drop_empty=args.drop_empty, seed=args.seed)
-    val = CocoMultiLabel(spec.val_images, spec.val_ann, build_transforms(img_size, train=False),
-                         drop_empty=args.drop_empty)
+    try:  # a mistake in the data or the flags: its message, not a traceback
+        spec = resolve_dataset(args.data_root, args.train_images, args.train_ann, args.val_images,
+                               args.val_ann, args.synthetic_root, seed=args.seed)
+        print(f"data: {spec.kind}: {spec.note}")
+        img_size = args.img_size or (SyntheticRecipe().image_size if spec.kind == "synthetic" else 448)
+        train = CocoMultiLabel(spec.train_images, spec.train_ann, build_transforms(img_size, train=True),
+                               drop_empty=args.drop_empty, seed=args.seed)
+        val = CocoMultiLabel(spec.val_images, spec.val_ann, build_transforms(img_size, train=False),
+                             drop_empty=args.drop_empty)
+    except (DataError, FileNotFoundError) as error:
+        parser.exit(2, f"01_data.py: error: {error}\n")
     print(f"train: {train.summary()}\nval: {val.summary()}")
     save_sample_figure(train, args.figure, img_size, seed=args.seed)
     print(f"wrote {args.figure} (images as stored, augmented at {img_size} px, CutMix); "
