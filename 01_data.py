@@ -624,12 +624,14 @@ class CocoMultiLabel(Dataset):
         if self.transform is not None:
             epoch = self._epoch.value
             seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+            state = random.getstate()
             with torch.random.fork_rng(devices=[]):  # the caller's torch RNG stays untouched
-                state = random.getstate()
                 torch.default_generator.manual_seed(seed)  # CPU only: transforms run on the CPU
                 random.seed(seed)
-                image = self.transform(image)
-                random.setstate(state)
+                try:
+                    image = self.transform(image)
+                finally:
+                    random.setstate(state)  # and so does Python's
         return image, self.labels[used].clone()
 
     def summary(self):
@@ -685,9 +687,9 @@ class CutMix:
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator, device=device)))
         if rng.random() >= self.prob:
             return images, targets
-        lam = rng.beta(self.alpha, self.alpha)
+        lam = float(rng.beta(self.alpha, self.alpha))
         h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = rng.integers(H), rng.integers(W)
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
         y0, y1 = max(cy - h // 2, 0), min(cy + h - h // 2, H)
         x0, x1 = max(cx - w // 2, 0), min(cx + w - w // 2, W)
         lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # recomputed: clipping shrinks the pasted part
