@@ -462,8 +462,11 @@ def ensure_synthetic(root="data/synthetic", seed=0, recipe=None, workers=None):
     _write_split(tmp, "val", recipe.val_images, recipe, seed, workers)
     (tmp / "recipe.json").write_text(json.dumps({"hash": key, "seed": seed, "recipe": asdict(recipe),
                                                  "version": SYNTHETIC_VERSION}, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    if stamp.is_file() and json.loads(stamp.read_text()).get("hash") == key:
+        shutil.rmtree(tmp)  # another process (e.g. another DDP rank) finished the same set first
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
     why = "it was missing" if found is None else "its recipe changed"
     spec.note = (f"built-in synthetic dataset generated at {root} because {why}: {recipe.train_images} "
                  f"train + {recipe.val_images} val images in {time.perf_counter() - start:.1f} s "
