@@ -100,8 +100,9 @@ def read_coco(ann_file):
         if not isinstance(data.get(section), list):
             raise DataError(f"{ann_file}: no {section!r} list (found keys: {sorted(data)}); a COCO "
                             f"instances file has 'images', 'annotations' and 'categories'")
-    if not data["categories"]:
-        raise DataError(f"{ann_file}: 'categories' is empty, so there are no labels to learn")
+    for section, why in [("categories", "there are no labels to learn"), ("images", "there is nothing to load")]:
+        if not data[section]:
+            raise DataError(f"{ann_file}: {section!r} is empty, so {why}")
     coco = COCO()  # built from the checked dict: pycocotools' own loader would print and crash raw
     coco.dataset = data
     try:

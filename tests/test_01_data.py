@@ -124,6 +124,9 @@ def test_json_without_categories_or_with_incomplete_entries(stage01, tiny):
     ann_file.write_text(json.dumps({k: v for k, v in data.items() if k != "categories"}))
     with pytest.raises(ValueError, match=rf"{ann_file.name}: no 'categories' list"):
         stage01.CocoMultiLabel(image_dir, ann_file)
+    ann_file.write_text(json.dumps({**data, "categories": []}))
+    with pytest.raises(ValueError, match="'categories' is empty"):
+        stage01.CocoMultiLabel(image_dir, ann_file)
     del data["annotations"][1]["image_id"]
     ann_file.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"annotations\[1\] has no 'image_id' field"):
