@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import time
 import warnings
 from contextlib import nullcontext, redirect_stdout
@@ -763,9 +764,19 @@ def build_loader(dataset, batch_size, train, workers=None, distributed=False, se
         sampler = ResumableSampler(dataset, batch_size, replicas, rank, seed)
     else:
         sampler = ShardSampler(dataset, replicas, rank)
+    # The loader draws its workers' base seed from its own generator: starting an epoch must not
+    # advance the caller's torch RNG (dropout), or a resumed run would drift from an uninterrupted one.
+    # Augmentation does not depend on that seed (see CocoMultiLabel.__getitem__).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=train, persistent_workers=workers > 0)
+                      drop_last=train, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id):
+    """Ctrl-C reaches every process in the terminal's group: workers leave it to the main process,
+    which finishes its step, writes a checkpoint and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- demo and benchmark

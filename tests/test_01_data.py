@@ -173,6 +173,20 @@ def test_bad_count_adds_up_across_worker_processes(stage01, tiny):
     assert ds.bad_count == 3 + 2 + 1  # b needs 3 tries past b, c, d; c two; d one
 
 
+
+def test_starting_an_epoch_leaves_the_callers_rng_alone(stage01, tiny):
+    """Exact resume needs the training loop's torch RNG (dropout) to be untouched by the loader."""
+    image_dir, ann_file = tiny
+    ds = stage01.CocoMultiLabel(image_dir, ann_file, transform=stage01.build_transforms(8, train=True))
+    for train in (True, False):
+        loader = stage01.build_loader(ds, batch_size=2, train=train, workers=0, pin_memory=False)
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        list(loader)
+        assert torch.equal(torch.rand(3), expected), f"train={train}: the loader advanced the torch RNG"
+
+
 # ----------------------------------------------------------------------------- transforms
 def test_transform_shapes_dtypes_and_ranges(stage01):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
