@@ -20,28 +20,9 @@ from torch import nn
 F64 = dict(atol=1e-10, rtol=0)
 F32 = dict(atol=1e-5, rtol=0)
 D, HEADS = 32, 4
-OFFICIAL_KEYS_FILE = Path("/work/shared/official_q2l_r18_keys.txt")  # optional extra check, see below
-
-# The transformer/head part of the official state-dict layout (SlongLiu/query2labels), for a
-# ResNet-18, d 512, feed-forward 1024, 1 encoder + 2 decoder layers, 80 classes; the backbone
-# part is torchvision's ResNet-18 under `backbone.0.body.` (100 tensors).
-OFFICIAL_HEAD_KEYS = {
-    "backbone.1.pe": (1, 512, 7, 7),
-    "query_embed.weight": (80, 512), "fc.W": (1, 80, 512), "fc.b": (1, 80),
-    "transformer.decoder.norm.weight": (512,), "transformer.decoder.norm.bias": (512,),
-}
-for _layer, _attn, _norms in [("encoder.layers.0", "self_attn", (1, 2))] + [
-        (f"decoder.layers.{i}", "multihead_attn", (2, 3)) for i in range(2)]:
-    _p = f"transformer.{_layer}."
-    OFFICIAL_HEAD_KEYS.update({
-        _p + f"{_attn}.in_proj_weight": (1536, 512), _p + f"{_attn}.in_proj_bias": (1536,),
-        _p + f"{_attn}.out_proj.weight": (512, 512), _p + f"{_attn}.out_proj.bias": (512,),
-        _p + "linear1.weight": (1024, 512), _p + "linear1.bias": (1024,),
-        _p + "linear2.weight": (512, 1024), _p + "linear2.bias": (512,),
-    })
-    for _n in _norms:
-        OFFICIAL_HEAD_KEYS.update({_p + f"norm{_n}.weight": (512,), _p + f"norm{_n}.bias": (512,)})
-
+# The official implementation's state-dict layout (SlongLiu/query2labels) for a ResNet-18, d 512,
+# feed-forward 1024, 1 encoder + 2 decoder layers, 80 classes: names, shapes, dtypes, kinds.
+OFFICIAL_KEYS_FILE = Path(__file__).parent / "data" / "official_q2l_r18_keys.txt"
 
 def torch_to_ours(state):
     """nn.MultiheadAttention's packed in_proj -> q_proj / k_proj / v_proj (the test's own copy)."""
@@ -430,17 +411,13 @@ def r18_pair(stage03):
 def test_official_layout_matches_the_key_list(r18_pair):
     _, official = r18_pair
     shapes = {k: tuple(v.shape) for k, v in official.items()}
-    for key, shape in OFFICIAL_HEAD_KEYS.items():
-        assert shapes.get(key) == shape, key
-    assert sum(k.startswith("backbone.0.body.") for k in shapes) == 100
-    assert len(shapes) == 142
-    if OFFICIAL_KEYS_FILE.is_file():  # the full list, where the shared spec is available
-        listed = {}
-        for line in OFFICIAL_KEYS_FILE.read_text().splitlines():
-            if line and not line.startswith("#"):
-                name, shape = line.split("\t")[:2]
-                listed[name] = tuple(int(s) for s in shape.split("x"))
-        assert shapes == listed
+    listed = {}
+    for line in OFFICIAL_KEYS_FILE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split("\t")[:2]
+            listed[name] = tuple(int(s) for s in shape.split("x"))
+    assert len(listed) == 142 and sum(k.startswith("backbone.0.body.") for k in listed) == 100
+    assert shapes == listed
 
 
 def test_converter_round_trip_gives_identical_outputs(stage03, r18_pair, tmp_path):
