@@ -1,4 +1,9 @@
-"""Stage 6 metrics: AP and mAP against scikit-learn, VOC AP and CP/CR/CF1/OP/OR/OF1 against hand computation.
+"""Stage 6: metrics against scikit-learn and hand computation; evaluation, prediction, attention maps.
+
+The metrics: AP and mAP against scikit-learn, VOC AP and CP/CR/CF1/OP/OR/OF1 against hand computation.
+The models: a tiny Query2Label (timm's test_resnet, d 32) for prediction and attention maps; a 2-epoch
+05_train.py run (a few seconds) for checkpoint evaluation; a state dict written in the official layout for
+--official (no released file can be downloaded here).
 
 Run against your own file:  Q2L_STAGE_06=my_eval.py python -m pytest tests/test_06_eval.py
 
@@ -11,10 +16,22 @@ The worked example (4 images x 5 classes A..E) is the one of docs/06_eval.md:
     img3    0.70  0.20  0.60  0.40  0.45                1  0  0  1  1
 """
 
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, precision_score, recall_score
+from conftest import tiny_train_args
+from PIL import Image
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+)
 
 SCORES = np.array([[0.90, 0.80, 0.30, 0.60, 0.10],
                    [0.80, 0.40, 0.70, 0.20, 0.30],
@@ -293,6 +310,8 @@ SOFT[0, 1] = 0.3
     (SCORES, TARGETS[:3], r"scores has shape \(4, 5\) but targets has shape \(3, 5\)"),
     (SCORES[:, 0], TARGETS[:, 0], r"must be 2-D"),
     (NAN_SCORES, TARGETS, r"scores contains 2 NaN and 0 infinite value\(s\), the first at image 1, class 2"),
+    (-NAN_SCORES, np.where(TARGETS == 0, -1, TARGETS), r"scores contains 2 NaN"),  # with unknown targets
+    (np.where(SCORES < 0.15, -np.inf, SCORES), TARGETS, r"scores contains 0 NaN and 1 infinite"),
     (SCORES, np.where(TARGETS == 1, np.nan, TARGETS), r"targets contains 10 NaN"),
     (np.where(SCORES > 0.85, np.inf, SCORES), TARGETS, r"scores contains 0 NaN and 2 infinite"),
     (SCORES, SOFT,
@@ -323,3 +342,288 @@ def test_bad_arguments_are_named(stage06):
 def test_self_check_passes(stage06, capsys):
     assert stage06.self_check() is True
     assert "checks passed" in capsys.readouterr().out
+
+
+# ====================================================================================================
+# Models: predict_scores, prediction for image files, attention maps, checkpoints, official files.
+# A tiny Query2Label (timm's test_resnet, d 32) stands in for a trained one; a one-epoch run of
+# 05_train.py (a few seconds) writes the checkpoints.
+# ====================================================================================================
+
+TINY = dict(num_classes=3, backbone="test_resnet", pretrained=False, d_model=32, num_heads=2,
+            dim_feedforward=64, input_proj=True, frozen_bn=False, freeze_stem=False)
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model(stage03):
+    torch.manual_seed(0)
+    return stage03.Query2Label(stage03.Q2LConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_coco, tmp_path_factory):
+    """A 1-epoch 05_train.py run on the tiny COCO-format set: its run folder (best.pt, last.pt, history)."""
+    stage05 = importlib.import_module("05_train")  # tests may import 05; 06 itself never does
+    out = tmp_path_factory.mktemp("runs06")
+    summary = stage05.main(tiny_train_args(tiny_coco, out, "eval06", epochs=1))
+    assert summary["outcome"] == "done"
+    return Path(summary["run_dir"])
+
+
+def direct_scores(model, transform, images):
+    """Reference: sigmoid(model(batch)) for PIL images, computed here without stage 6."""
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.stack([transform(image) for image in images]))).numpy()
+
+
+def write_images(folder):
+    """A folder of images as users have them: RGB JPEG, greyscale PNG, CMYK JPEG, a PNG whose EXIF says
+    "rotate", a corrupt .jpg and a text file. Returns the images each file should decode to."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))  # 40 wide, 24 high
+    base.save(folder / "a_rgb.jpg", quality=95)
+    base.convert("L").save(folder / "b_grey.png")
+    base.convert("CMYK").save(folder / "c_cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the viewer must turn the stored pixels 90 degrees clockwise
+    base.save(folder / "d_exif.png", exif=exif)
+    (folder / "e_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return {"a_rgb.jpg": Image.open(folder / "a_rgb.jpg").convert("RGB"),
+            "b_grey.png": base.convert("L").convert("RGB"),
+            "d_exif.png": base.transpose(Image.Transpose.ROTATE_270)}  # 90 degrees clockwise
+
+
+# ------------------------------------------------------------------------------------------ predict_scores
+
+
+def test_predict_scores_gives_sigmoid_probabilities_in_loader_order(stage06, stage01, tiny_model, tiny_coco):
+    dataset = stage01.CocoMultiLabel(tiny_coco["val_images"], tiny_coco["val_ann"],
+                                     stage01.build_transforms(SIZE, train=False))
+    loader = stage01.build_loader(dataset, 4, train=False, workers=0)
+    scores, targets = stage06.predict_scores(tiny_model, loader, "cpu", show=False)
+    assert scores.shape == (15, 3) and scores.dtype == np.float32
+    np.testing.assert_array_equal(targets, dataset.labels.numpy())
+    with torch.no_grad():
+        expected = torch.sigmoid(tiny_model(torch.stack([dataset[i][0] for i in range(15)]))).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    # 05_train.py's call: (model, loader, device, amp_dtype, channels_last, desc, show), positionally
+    again, _ = stage06.predict_scores(tiny_model, loader, torch.device("cpu"), None, True, "val", False)
+    np.testing.assert_allclose(again, scores, rtol=0, atol=1e-5)  # channels_last: same numbers
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+
+def test_predict_images_decodes_like_stage1_and_skips_corrupt_files(stage06, stage01, tiny_model, tmp_path):
+    expected_images = write_images(tmp_path / "photos")
+    transform = stage06.eval_transform(SIZE)
+    paths = stage06.find_images(tmp_path / "photos")
+    assert [p.name for p in paths] == ["a_rgb.jpg", "b_grey.png", "c_cmyk.jpg", "d_exif.png", "e_corrupt.jpg"]
+    results, skipped = stage06.predict_images(tiny_model, paths, ["x", "y", "z"], transform, batch_size=2,
+                                              show=False)
+    assert [r["image"].name for r in results] == ["a_rgb.jpg", "b_grey.png", "c_cmyk.jpg", "d_exif.png"]
+    assert len(skipped) == 1 and skipped[0][0].name == "e_corrupt.jpg" and "e_corrupt.jpg" in skipped[0][1]
+    by_name = {r["image"].name: r["scores"] for r in results}
+    names = list(expected_images)
+    reference = direct_scores(tiny_model, transform, [expected_images[n] for n in names])
+    for name, ref in zip(names, reference, strict=True):  # grey as RGB; EXIF rotation applied
+        np.testing.assert_allclose(by_name[name], ref, rtol=0, atol=1e-6, err_msg=name)
+    stored = Image.open(tmp_path / "photos" / "d_exif.png").convert("RGB")  # pixels as stored, not turned
+    unrotated = direct_scores(tiny_model, transform, [stored])
+    assert np.abs(unrotated[0] - by_name["d_exif.png"]).max() > 1e-4  # the rotation did change the input
+    assert stage06.find_images(tmp_path / "photos" / "a_rgb.jpg") == [tmp_path / "photos" / "a_rgb.jpg"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stage06.find_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without image files"):
+        stage06.find_images(tmp_path / "empty")
+
+
+def test_labels_above_threshold_are_sorted(stage06):
+    scores = np.array([0.2, 0.9, 0.5, 0.7], dtype=np.float32)
+    labels = stage06.labels_above(scores, ["a", "b", "c", "d"], 0.5)
+    assert [name for name, _ in labels] == ["b", "d", "c"]  # 0.5 itself counts, as in threshold_metrics
+    assert labels[0][1] == pytest.approx(0.9, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ attention maps
+
+
+def test_attention_maps_and_figure(stage06, tiny_model, tmp_path):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    transform = stage06.eval_transform(SIZE)
+    scores, attention = stage06.attention_maps(tiny_model, image, transform)
+    assert scores.shape == (3,) and attention.shape == (3, 2, 2)  # 64 px / stride 32 -> 2 x 2 cells
+    torch.testing.assert_close(attention.sum(dim=(1, 2)), torch.ones(3), rtol=0, atol=1e-5)  # softmax rows
+    np.testing.assert_allclose(scores, direct_scores(tiny_model, transform, [image])[0], rtol=0, atol=1e-6)
+    path = tmp_path / "att.png"
+    drawn = stage06.draw_attention(image, scores, attention, ["x", "y", "z"], path, top_k=2)
+    assert [name for name, _ in drawn] == [["x", "y", "z"][k] for k in np.argsort(-scores)[:2]]
+    with Image.open(path) as png:  # 1 image panel + 2 label panels of 320 px; height follows the aspect
+        assert png.size[0] == 3 * 320 and png.size[1] == round(100 * (3.2 * 60 / 90 + 0.6))
+    drawn = stage06.draw_attention(image, scores, attention, ["x", "y", "z"], path, threshold=0.0)
+    assert len(drawn) == 3
+    with Image.open(path) as png:
+        assert png.size[0] == 4 * 320
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def read_metrics(folder):
+    return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+def test_evaluating_best_pt_reproduces_the_training_map(stage06, trained_run, capsys):
+    checkpoint = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    assert stage06.main(["--checkpoint", str(trained_run / "best.pt"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    metrics = read_metrics(trained_run / "eval")  # the default folder: eval/ next to best.pt
+    # same images, same weights, same transform: the mAP 05_train.py recorded, to float noise
+    assert metrics["mAP"] == pytest.approx(checkpoint["best_map"], abs=1e-6)
+    assert metrics["images"] == 15 and metrics["weights"] == checkpoint["weights_source"]
+    assert "non-interpolated" in metrics["mAP_kind"] and [c["name"] for c in metrics["per_class"]] == [
+        "square", "disc", "bar"]
+    for name in ("per_class_ap.png", "pr_curves.png"):
+        with Image.open(trained_run / "eval" / name) as png:
+            assert png.size[0] > 300 and png.size[1] > 150
+    assert "VOC mAP" in out and "CF1" in out and "top-3" in out
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["square"], ["disc"], ["bar"])]
+    aps = [float(row[1]) for row in table]
+    assert len(table) == 3 and aps == sorted(aps, reverse=True)  # the per-class table, best AP first
+
+
+def test_last_pt_raw_and_ema_match_the_last_epoch(stage06, trained_run, tmp_path):
+    history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
+    for extra, key in (([], "mAP_raw"), (["--use-ema"], "mAP_ema")):
+        out = tmp_path / key
+        stage06.main(["--checkpoint", str(trained_run / "last.pt"), "--workers", "0", "--out-dir", str(out),
+                      *extra])
+        assert read_metrics(out)["mAP"] == pytest.approx(history[-1][key], abs=1e-6), key
+    model, checkpoint = stage06.load_for_eval(trained_run / "last.pt", use_ema=True)
+    assert not model.training and checkpoint["format"] == "q2l-checkpoint-v1"
+    assert torch.equal(model.fc.W, checkpoint["ema"]["module"]["fc.W"])
+
+
+def test_prediction_and_attention_from_the_command_line(stage06, trained_run, tmp_path, capsys):
+    write_images(tmp_path / "photos")
+    best = str(trained_run / "best.pt")
+    stage06.main(["--checkpoint", best, "--image", str(tmp_path / "photos"), "--threshold", "0"])
+    out = capsys.readouterr().out
+    assert out.count("square") == 4 and "skipped" in out and "e_corrupt.jpg" in out  # 4 images, 1 skipped
+    block = out.split("a_rgb.jpg:\n")[1].split("\n")[:3]
+    probabilities = [float(line.split()[-1]) for line in block]
+    assert probabilities == sorted(probabilities, reverse=True)  # most probable first
+    path = tmp_path / "attention.png"
+    stage06.main(["--checkpoint", best, "--image", str(tmp_path / "photos" / "a_rgb.jpg"),
+                  "--attention", str(path), "--top-k", "2"])
+    with Image.open(path) as png:
+        assert png.size[0] == 3 * 320
+    with pytest.raises(SystemExit, match="--attention draws one image"):
+        stage06.main(["--checkpoint", best, "--image", str(tmp_path / "photos"), "--attention", str(path)])
+
+
+def test_bad_checkpoints_give_clear_errors(stage06, stage03, trained_run, tiny_coco, tmp_path):
+    def fails(path, message, *extra):
+        with pytest.raises(SystemExit, match=message):
+            stage06.main(["--checkpoint", str(path), "--workers", "0", *extra])
+
+    fails(tmp_path / "missing.pt", r"checkpoint .*missing\.pt does not exist")
+    fails(trained_run, "it is a folder")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    fails(tmp_path / "notes.pt", r"notes\.pt is not a readable PyTorch checkpoint")
+    torch.save({"fc.W": torch.zeros(1, 3, 32)}, tmp_path / "plain.pt")
+    fails(tmp_path / "plain.pt", r"not a checkpoint written by 05_train\.py")
+    torch.save({"state_dict": {"backbone.0.body.conv1.weight": torch.zeros(1)}}, tmp_path / "official.pth")
+    fails(tmp_path / "official.pth", "use --official")
+    fails(trained_run / "best.pt", "holds no EMA weights", "--use-ema")
+
+    checkpoint = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    broken = dict(checkpoint, model={k: v for k, v in checkpoint["model"].items() if k != "fc.b"})
+    broken["model"]["extra.weight"] = torch.zeros(2)
+    torch.save(broken, tmp_path / "broken.pt")
+    fails(tmp_path / "broken.pt", r"(?s)missing: fc\.b.*unexpected: extra\.weight")
+    bad_config = dict(checkpoint, model_config=dict(checkpoint["model_config"], backbone="no_such_net"))
+    torch.save(bad_config, tmp_path / "bad_config.pt")
+    fails(tmp_path / "bad_config.pt", r"model_config does not build a model.*no_such_net")
+    other = json.loads(Path(tiny_coco["val_ann"]).read_text())
+    other["categories"][0]["name"] = "cube"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    best = trained_run / "best.pt"
+    fails(best, r"other\.json defines other classes.*class 0 is 'cube' there, 'square'", "--val-ann",
+          str(tmp_path / "other.json"))
+    fails(best, r"validation data .*nowhere not found", "--val-images", str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------------------ official files
+
+
+def official_layout(state):
+    """Our state dict in the official code's layout, written out by hand from its naming rules (the
+    same rules as tests/test_03_transformer.py): backbone under backbone.0.body., q/k/v packed into
+    in_proj_weight / in_proj_bias, a fixed position buffer backbone.1.pe, DDP's "module." prefix."""
+    out = {}
+    for key, value in state.items():
+        key = "backbone.0.body." + key[len("backbone.body."):] if key.startswith("backbone.body.") else key
+        for kind in ("weight", "bias"):
+            if key.endswith(f"q_proj.{kind}"):
+                prefix = key[:-len(f"q_proj.{kind}")]
+                out[f"{prefix}in_proj_{kind}"] = torch.cat([state[f"{prefix}{n}_proj.{kind}"] for n in "qkv"])
+        if not any(f"{n}_proj." in key for n in "qkv"):
+            out[key] = value
+    out["backbone.1.pe"] = torch.zeros(1, 96, 2, 2)
+    return {"state_dict": {"module." + k: v for k, v in out.items()}, "epoch": 7}
+
+
+def test_official_layout_round_trip(stage06, stage01, stage03, tiny_coco, tmp_path, capsys):
+    """We have no released file here (no network): a state dict written in the official layout stands in."""
+    config = dataclasses.replace(stage03.PRESETS["official_r101"], num_classes=3, backbone="test_resnet",
+                                 pretrained=False, d_model=96, num_heads=2, dim_feedforward=64)
+    torch.manual_seed(2)
+    source = stage03.Query2Label(config).eval()  # no input projection: d = test_resnet's 96 channels
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path / "checkpoint.pkl"
+    torch.save(official_layout(source.state_dict()), path)
+    flags = ["--official", str(path), "--backbone", "test_resnet", "--d-model", "96", "--ff", "64",
+             "--heads", "2", "--num-classes", "3", "--img-size", str(SIZE), "--workers", "0"]
+    model, loaded_config, report = stage06.build_official(path, 3, "test_resnet", 96, 64, 2)
+    assert report["dropped"] == ["module.backbone.1.pe"] and loaded_config.num_classes == 3
+    images = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), source(images), rtol=0, atol=1e-6)  # same logits
+
+    val = [str(tiny_coco["val_images"]), str(tiny_coco["val_ann"])]
+    stage06.main([*flags, "--val-images", val[0], "--val-ann", val[1], "--out-dir", str(tmp_path / "eval")])
+    dataset = stage01.CocoMultiLabel(*val, stage06.eval_transform(SIZE))
+    loader = stage01.build_loader(dataset, 8, train=False, workers=0)
+    scores, targets = stage06.predict_scores(source, loader, "cpu", show=False)
+    assert read_metrics(tmp_path / "eval")["mAP"] == pytest.approx(
+        stage06.mean_average_precision(scores, targets)["mAP"], abs=1e-6)
+
+    image = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 50, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    stage06.main([*flags, "--image", str(image), "--threshold", "0", "--val-ann", str(tiny_coco["val_ann"])])
+    out = capsys.readouterr().out
+    assert "square" in out and "disc" in out and "bar" in out  # names from the annotation file
+    stage06.main([*flags, "--image", str(image), "--threshold", "0"])
+    assert "class 0" in capsys.readouterr().out  # no names anywhere: numbered
+    with pytest.raises(SystemExit, match="no validation set"):
+        stage06.main(flags)
+    assert len(stage06.COCO_CLASSES) == 80 and stage06.COCO_CLASSES[0] == "person"
+    assert stage06.COCO_CLASSES[-1] == "toothbrush" and len(set(stage06.COCO_CLASSES)) == 80
+
+
+def test_precision_recall_curve_matches_sklearn(stage06):
+    scores, targets = random_case(8, n=200, k=3, decimals=1)
+    for k in (1, 2):
+        precision, recall = stage06.precision_recall_curve(scores[:, k], targets[:, k])
+        p_ref, r_ref, _ = precision_recall_curve(targets[:, k], scores[:, k])
+        # scikit-learn lists thresholds from low to high and appends (precision 1, recall 0)
+        np.testing.assert_allclose(precision, p_ref[:-1][::-1], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(recall, r_ref[:-1][::-1], rtol=0, atol=1e-12)
