@@ -59,7 +59,11 @@ import dataclasses
 import importlib
 import io
 import json
+import os
+import re
 import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +167,18 @@ def _transposed(x, block=512):
     return out
 
 
-def _precision_at_positives(scores, targets):
+def _default_threads():
+    """One thread per core this process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
+
+
+def _transposed_index(flat, N, K):
+    """Flat indices n * K + k into (N, K) -> k * N + n into its transpose (K, N), sorted: class by class."""
+    return np.sort(flat % K * N + flat // K)
+
+
+def _precision_at_positives(scores, targets, threads=None):
     """For each class k, the precision of "score >= s" at the score s of each of its positives.
 
     Returns (precision (M,), bounds (K + 1,)) for the M positives of all classes: class k's are
@@ -171,30 +186,42 @@ def _precision_at_positives(scores, targets):
     With P_k positives, precision at s = tp / n where
         tp = number of positives scoring >= s,   n = number of known entries scoring >= s.
     Counting ">= s" puts all entries tied at s on one threshold, as scikit-learn does.
-    The O(N K log N) work is one transpose and one sort of all K rows; the loop over classes only does a
-    binary search for each positive, O(P_k log N); tp comes from the positives alone, vectorised.
+    The O(N K log N) work is one transpose and one sort of every class's scores; then a binary search
+    for each positive, O(P_k log N); tp comes from the positives alone, vectorised. Classes are
+    independent, so blocks of them run on `threads` threads (default: one per core, at most 8): numpy
+    releases the GIL while it sorts and searches.
     """
     scores, targets = _as_arrays(scores, targets)
     positives, unknowns = _positives_and_unknowns(targets)  # flat indices into (N, K)
     N, K = scores.shape
     if unknowns.size:  # checked before the unknowns' scores are overwritten below
         _check_finite(scores, "scores")
-    ranked = _transposed(scores)  # (K, N)
-    # entry (n, k) is n * K + k in the scores and k * N + n in ranked; sorted, the positives of class 0
-    # come first, then those of class 1, ...
-    flat = np.sort(positives % K * N + positives // K)  # (M,)
+    flat, unknown = _transposed_index(positives, N, K), _transposed_index(unknowns, N, K)  # (M,), (U,)
     bounds = np.searchsorted(flat, np.arange(K + 1) * N)  # (K + 1,) where each class's positives start
-    s = ranked.reshape(-1)[flat]  # (M,) the positives' scores, class by class; in dtype, never upcast
-    if unknowns.size:  # unknowns become -inf, below every (finite) score: never counted in n
-        ranked.reshape(-1)[unknowns % K * N + unknowns // K] = -np.inf
-    ranked.sort(axis=1)  # (K, N) each class's scores, ascending
-    if not unknowns.size:  # sorted rows start with any -inf and end with any +inf, then NaN: 2K values
-        _check_finite(scores, "scores", ranked[:, [0, -1]])
-    below = np.empty(len(s), np.int64)  # (M,) known entries of the class scoring < s
-    for k in range(K):
-        start, end = bounds[k], bounds[k + 1]
-        s[start:end].sort()
-        below[start:end] = np.searchsorted(ranked[k], s[start:end])
+    unknown_bounds = np.searchsorted(unknown, np.arange(K + 1) * N)
+    s = np.empty(len(flat), scores.dtype)  # (M,) the positives' scores, class by class; never upcast
+    below = np.empty(len(flat), np.int64)  # (M,) known entries of the class scoring < s
+
+    def sort_and_search(lo, hi):  # classes lo..hi-1
+        ranked = _transposed(scores[:, lo:hi]).reshape(-1)  # (k * N,) row by row
+        s[bounds[lo]:bounds[hi]] = ranked[flat[bounds[lo]:bounds[hi]] - lo * N]
+        ranked[unknown[unknown_bounds[lo]:unknown_bounds[hi]] - lo * N] = -np.inf  # never counted in n
+        ranked = ranked.reshape(hi - lo, N)
+        ranked.sort(axis=1)  # (k, N) each class's scores, ascending
+        if not unknowns.size:  # sorted rows start with any -inf, end with any +inf then NaN
+            _check_finite(scores, "scores", ranked[:, [0, -1]])
+        for k in range(lo, hi):
+            start, end = bounds[k], bounds[k + 1]
+            s[start:end].sort()
+            below[start:end] = np.searchsorted(ranked[k - lo], s[start:end])
+
+    threads = max(1, min(threads or _default_threads(), K))
+    edges = np.linspace(0, K, threads + 1).astype(int)
+    if threads == 1:
+        sort_and_search(0, K)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(sort_and_search, edges[:-1], edges[1:]))  # list(): re-raises a block's error
     # tp = (end of the class's positives) - (first positive tied with s): ties are one threshold
     first = np.ones(len(s), bool)
     np.not_equal(s[1:], s[:-1], out=first[1:])
@@ -214,7 +241,7 @@ def _mean_per_class(values, bounds):
     return out
 
 
-def average_precision(scores, targets):
+def average_precision(scores, targets, threads=None):
     """Per-class AP, scikit-learn's definition (non-interpolated): (K,) in [0, 1], NaN for no positives.
 
         AP = sum_n (R_n - R_{n-1}) P_n      over the distinct scores (thresholds) t_n, from high to low,
@@ -222,10 +249,10 @@ def average_precision(scores, targets):
     for each positive, so AP is the mean, over the P positives, of the precision at that positive's score.
     No curve is smoothed: this is the area under the raw precision-recall staircase.
     """
-    return _mean_per_class(*_precision_at_positives(scores, targets))
+    return _mean_per_class(*_precision_at_positives(scores, targets, threads))
 
 
-def voc_average_precision(scores, targets):
+def voc_average_precision(scores, targets, threads=None):
     """Per-class VOC all-point interpolated AP: (K,) in [0, 1], NaN for a class without positives.
 
         AP_VOC = sum_n (R_n - R_{n-1}) max_{m : R_m >= R_n} P_m
@@ -233,7 +260,7 @@ def voc_average_precision(scores, targets):
     recall or beyond), then the area under that envelope is summed. It is never below `average_precision`.
     As in the official code's `voc_ap`; unlike it, tied scores form one threshold (module docstring).
     """
-    precision, bounds = _precision_at_positives(scores, targets)
+    precision, bounds = _precision_at_positives(scores, targets, threads)
     # positives run from recall 1 down, so "recall >= R_n" means "this positive and those before it";
     # thresholds that add only negatives lower the precision, so the envelope's maxima sit at positives
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
@@ -241,14 +268,15 @@ def voc_average_precision(scores, targets):
     return _mean_per_class(precision, bounds)
 
 
-def mean_average_precision(scores, targets, interpolated=False, class_names=None):
+def mean_average_precision(scores, targets, interpolated=False, class_names=None, threads=None):
     """mAP in percent over the classes with at least one positive.
 
     Returns {"mAP": float (percent), "per_class": (K,) percent with NaN for excluded classes,
     "excluded": names (or indices) of the classes without positives, "kind": which AP this is,
-    "num_classes": how many classes the mean is over}.
+    "num_classes": how many classes the mean is over}. threads: how many threads sort the classes'
+    scores (default: one per core, at most 8; the result is the same for any number).
     """
-    ap = (voc_average_precision if interpolated else average_precision)(scores, targets)
+    ap = (voc_average_precision if interpolated else average_precision)(scores, targets, threads)
     if class_names is not None and len(class_names) != ap.size:
         raise ValueError(f"class_names has {len(class_names)} names but scores have {ap.size} classes")
     names = list(class_names) if class_names is not None else list(range(ap.size))
@@ -402,6 +430,33 @@ def _load_weights(model, state, path, what):
     model.load_state_dict(state)
 
 
+def _check_torch_file(path, what):
+    """One-line errors for the usual mistakes before torch.load: no such file, a folder, a file that
+    torch.save did not write (it writes a zip archive; before torch 1.6 a pickle), a cut-off one."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file in it (e.g. {path / 'best.pt'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is a damaged zip archive ({path.stat().st_size:,} bytes): cut off "
+                              "while being written or copied?")
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch file ({path.stat().st_size:,} bytes starting "
+                              f"{head!r}; torch.save writes a zip archive)")
+
+
+def _pickled_objects_error(path, error):
+    """weights_only=True refuses pickled Python objects; say which, and what to do, in one line."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    if found is None:
+        return None
+    return CheckpointError(f"{path} holds pickled Python objects ({found.group(1)}), which loading with "
+                           "weights_only=True refuses; if you trust the file's source, pass --trusted")
+
+
 def load_for_eval(path, device="cpu", use_ema=False):
     """(model in eval mode on `device`, checkpoint dict) from a checkpoint written by 05_train.py.
 
@@ -409,15 +464,13 @@ def load_for_eval(path, device="cpu", use_ema=False):
     them all) and loaded from "model": for best.pt the better of the raw and EMA weights at the best epoch,
     for last.pt the raw weights of the last step. use_ema=True loads last.pt's EMA weights instead."""
     path = Path(path)
-    if not path.is_file():
-        hint = ": it is a folder; give a file in it, e.g. best.pt" if path.is_dir() else ""
-        raise FileNotFoundError(f"checkpoint {path} does not exist{hint}")
+    _check_torch_file(path, "checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, truncated, or pickled objects that weights_only refuses
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-                              f"{reason})") from None
+    except Exception as error:  # a damaged archive, or pickled objects that weights_only refuses
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise (_pickled_objects_error(path, error) or CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {reason})")) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         official = isinstance(checkpoint, dict) and ("state_dict" in checkpoint or any(
             "backbone.0.body." in str(key) for key in checkpoint))
@@ -460,7 +513,11 @@ def build_official(path, num_classes=80, backbone=None, d_model=None, ff=None, h
                                                    num_heads=heads).items() if value is not None}
     config = dataclasses.replace(transformer.PRESETS["official_r101"], num_classes=num_classes, **overrides)
     model = _build_model(config)
-    report = transformer.load_official_checkpoint(model, path, trusted=trusted)
+    _check_torch_file(path, "official checkpoint")
+    try:
+        report = transformer.load_official_checkpoint(model, path, trusted=trusted)
+    except ValueError as error:
+        raise _pickled_objects_error(path, error) or error from None
     return model.to(device).eval(), model.config, report
 
 
@@ -726,9 +783,10 @@ def draw_attention(image, scores, attention, class_names, path, top_k=4, thresho
                              dpi=dpi, squeeze=False)
     axes[0, 0].imshow(shown)
     axes[0, 0].set_title(f"input ({image.width}x{image.height})", fontsize=9)
+    grey = shown.convert("L")  # under a heat map, the image's own colours would read as attention
     for ax, k, heat, ratio in zip(axes[0, 1:], chosen, maps, peak, strict=True):
-        ax.imshow(shown)
-        ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=float(maps.max()))
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=float(maps.max()))
         ax.set_title(f"{class_names[k]} {scores[k]:.2f}\npeak {ratio:.1f}x uniform", fontsize=9)
     for ax in axes[0]:
         ax.axis("off")
@@ -810,11 +868,12 @@ def self_check(seed=0):
     return all(checks)
 
 
-def benchmark(seed=0, num_images=40504, num_classes=80, rounds=5):
-    """Our mAP vs a per-class scikit-learn loop on the same data in the same run; the two are timed in
-    alternation (this machine is shared), and we report the best time of each and the median of the
-    per-round ratios, both in wall-clock time and in process CPU time (both sides run on one core, so
-    the CPU-time ratio is the one other jobs on the machine disturb least). Then the other metrics' times."""
+def benchmark(seed=0, num_images=40504, num_classes=80, rounds=7):
+    """Our mAP (on all cores, then on one) vs a per-class scikit-learn loop, on the same data in the same
+    run, timed in alternation (this machine is shared); the best time of each and the median of the
+    per-round ratios, in wall-clock time, and for one thread also in process CPU time (then both sides
+    run on one core, and CPU time is what other jobs on the machine disturb least). Then the other
+    metrics' times."""
     try:
         from sklearn.metrics import average_precision_score
     except ImportError:
@@ -829,28 +888,35 @@ def benchmark(seed=0, num_images=40504, num_classes=80, rounds=5):
              "random, float64 (all 53 bits used)": (rng.random((num_images, num_classes)), targets),
              "simulated model (class 0 on 45% of images)": simulated_model_scores(num_images, num_classes,
                                                                                   seed)}
+    threads = _default_threads()
     print(f"mAP over {num_images} images x {num_classes} classes (COCO 2014 val size); random labels have "
-          f"{100 * targets.mean():.1f}% positives. {rounds} alternating rounds; best times, median ratios "
-          "(wall clock / process CPU).")
+          f"{100 * targets.mean():.1f}% positives. {rounds} alternating rounds; best times, median ratios. "
+          f"Targets: >= 20x faster, |AP difference| <= 1e-6.")
 
     def timed(fn):
         wall, cpu = time.perf_counter(), time.process_time()
         out = fn()
-        return out, time.perf_counter() - wall, time.process_time() - cpu
+        return out, (time.perf_counter() - wall, time.process_time() - cpu)
 
     for name, (s, y) in cases.items():
-        ours_times, loop_times = [], []
+        runs = {"all": [], "one": [], "loop": []}
         for _ in range(rounds):
-            ours, *ours_time = timed(lambda s=s, y=y: mean_average_precision(s, y)["per_class"] / 100)
-            theirs, *loop_time = timed(lambda s=s, y=y: np.array([average_precision_score(y[:, k], s[:, k])
-                                                                  for k in range(num_classes)]))
-            ours_times.append(ours_time)
-            loop_times.append(loop_time)
-        ratios = np.median(np.array(loop_times) / np.array(ours_times), axis=0)  # (wall, cpu)
-        print(f"  {name}: ours {1000 * min(t[0] for t in ours_times):.1f} ms, scikit-learn loop "
-              f"{1000 * min(t[0] for t in loop_times):.0f} ms -> {ratios[0]:.1f}x / {ratios[1]:.1f}x faster "
-              f"(target >= 20x); largest |AP difference| {np.max(np.abs(ours - theirs)):.1e} "
-              "(target <= 1e-6)")
+            ours, t = timed(lambda s=s, y=y: mean_average_precision(s, y)["per_class"] / 100)
+            runs["all"].append(t)
+            one, t = timed(lambda s=s, y=y: mean_average_precision(s, y, threads=1)["per_class"] / 100)
+            runs["one"].append(t)
+            theirs, t = timed(lambda s=s, y=y: np.array([average_precision_score(y[:, k], s[:, k])
+                                                         for k in range(num_classes)]))
+            runs["loop"].append(t)
+        runs = {key: np.array(value) for key, value in runs.items()}  # (rounds, [wall, cpu])
+        ratio = {key: np.median(runs["loop"] / runs[key], axis=0) for key in ("all", "one")}
+        best = {key: 1000 * value[:, 0].min() for key, value in runs.items()}
+        if not np.array_equal(ours, one, equal_nan=True):
+            raise RuntimeError("AP on several threads differs from AP on one: a bug")
+        print(f"  {name}: scikit-learn loop {best['loop']:.0f} ms; ours {best['all']:.1f} ms on {threads} "
+              f"threads -> {ratio['all'][0]:.1f}x, {best['one']:.1f} ms on 1 -> {ratio['one'][0]:.1f}x "
+              f"(CPU time {ratio['one'][1]:.1f}x); largest |AP difference| "
+              f"{np.max(np.abs(ours - theirs)):.1e}")
     for name, fn in (("VOC interpolated mAP", lambda: mean_average_precision(scores, targets, True)),
                      ("threshold metrics at 0.5", lambda: threshold_metrics(scores, targets)),
                      ("top-3 threshold metrics", lambda: threshold_metrics(scores, targets, top_k=3))):

@@ -16,6 +16,7 @@ The worked example (4 images x 5 classes A..E) is the one of docs/06_eval.md:
     img3    0.70  0.20  0.60  0.40  0.45                1  0  0  1  1
 """
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -151,6 +152,19 @@ def test_unknown_targets_are_ignored_by_ap(stage06):
     # the scores of unknown entries cannot matter, wherever they land in the ranking
     moved = np.where(targets < 0, np.random.default_rng(5).random(scores.shape), scores)
     np.testing.assert_allclose(stage06.average_precision(moved, targets), ours, rtol=0, atol=1e-12)
+
+
+def test_any_number_of_threads_gives_the_same_ap(stage06):
+    scores, targets = random_case(9, n=400, k=7, decimals=2, unknown=0.1)  # ties and unknowns
+    one = stage06.average_precision(scores, targets, threads=1)
+    for threads in (2, 3, 7, 50):  # 50 > K: one class per thread
+        np.testing.assert_array_equal(stage06.average_precision(scores, targets, threads=threads), one)
+        np.testing.assert_array_equal(stage06.voc_average_precision(scores, targets, threads=threads),
+                                      stage06.voc_average_precision(scores, targets, threads=1))
+    bad = scores.copy()
+    bad[5, 6] = np.nan  # in the last block: the error raised in a worker thread reaches the caller
+    with pytest.raises(ValueError, match="scores contains 1 NaN"):
+        stage06.average_precision(bad, np.abs(targets), threads=3)
 
 
 def test_accepts_torch_tensors(stage06):
@@ -532,9 +546,11 @@ def test_bad_checkpoints_give_clear_errors(stage06, stage03, trained_run, tiny_c
             stage06.main(["--checkpoint", str(path), "--workers", "0", *extra])
 
     fails(tmp_path / "missing.pt", r"checkpoint .*missing\.pt does not exist")
-    fails(trained_run, "it is a folder")
+    fails(trained_run, r"is a folder; give a file in it \(e\.g\. .*best\.pt\)")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    fails(tmp_path / "notes.pt", r"notes\.pt is not a readable PyTorch checkpoint")
+    fails(tmp_path / "notes.pt", r"notes\.pt is not a PyTorch file \(16 bytes starting b'not ")
+    (tmp_path / "cut.pt").write_bytes((trained_run / "best.pt").read_bytes()[:5000])  # a copy cut short
+    fails(tmp_path / "cut.pt", r"cut\.pt is a damaged zip archive \(5,000 bytes\)")
     torch.save({"fc.W": torch.zeros(1, 3, 32)}, tmp_path / "plain.pt")
     fails(tmp_path / "plain.pt", r"not a checkpoint written by 05_train\.py")
     torch.save({"state_dict": {"backbone.0.body.conv1.weight": torch.zeros(1)}}, tmp_path / "official.pth")
@@ -615,6 +631,12 @@ def test_official_layout_round_trip(stage06, stage01, stage03, tiny_coco, tmp_pa
     assert "class 0" in capsys.readouterr().out  # no names anywhere: numbered
     with pytest.raises(SystemExit, match="no validation set"):
         stage06.main(flags)
+    pickled = tmp_path / "pickled.pkl"  # a release that also pickled its argparse options
+    torch.save({**official_layout(source.state_dict()), "args": argparse.Namespace(lr=1e-4)}, pickled)
+    flags[1] = str(pickled)
+    with pytest.raises(SystemExit, match=r"pickled Python objects \(argparse\.Namespace\).*--trusted"):
+        stage06.main([*flags, "--image", str(image)])
+    stage06.main([*flags, "--image", str(image), "--trusted"])  # the user vouches for it: loads
     assert len(stage06.COCO_CLASSES) == 80 and stage06.COCO_CLASSES[0] == "person"
     assert stage06.COCO_CLASSES[-1] == "toothbrush" and len(set(stage06.COCO_CLASSES)) == 80
 
