@@ -386,11 +386,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be evaluated; the message names the file and what is wrong with it."""
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def predict_scores(model, loader, device, amp_dtype=None, channels_last=False, desc="eval", show=True):
     """Sigmoid probabilities (N, K) float32 and targets (N, K) of every image of `loader`, in its order.
 
     Puts the model in eval mode (dropout off; BatchNorm uses its running statistics) and leaves it there.
+    no_grad rather than inference_mode: 05_train.py goes on training the same module, and a tensor that
+    a module caches during an inference-mode forward can no longer be updated in place or saved for
+    backward.
     With `amp_dtype` (torch.bfloat16 / torch.float16) the forward pass runs under autocast; the sigmoid is
     taken in float32 either way, so that probabilities near 0 and 1 keep their order."""
     model.eval()
