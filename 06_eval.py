@@ -515,8 +515,8 @@ def build_official(path, num_classes=80, backbone=None, d_model=None, ff=None, h
     overrides = {key: value for key, value in dict(backbone=backbone, d_model=d_model, dim_feedforward=ff,
                                                    num_heads=heads).items() if value is not None}
     config = dataclasses.replace(transformer.PRESETS["official_r101"], num_classes=num_classes, **overrides)
-    model = _build_model(config)
     _check_torch_file(path, "official checkpoint")
+    model = _build_model(config)
     try:
         report = transformer.load_official_checkpoint(model, path, trusted=trusted)
     except ValueError as error:
@@ -564,12 +564,11 @@ def report_lines(metrics, class_names, targets):
         names = ", ".join(map(str, ap["excluded"]))
         lines.append(f"  excluded from the means (no positive in this set): {names}")
     positives = (np.asarray(targets) == 1).sum(axis=0)  # (K,)
-    order = sorted(range(len(class_names)), key=lambda k: (np.isnan(ap["per_class"][k]), -np.nan_to_num(
-        ap["per_class"][k])))
+    best_first = np.argsort(-np.nan_to_num(ap["per_class"], nan=-np.inf), kind="stable")  # NaN last
     width = max(12, *(len(str(name)) for name in class_names))
     lines.append(f"\n  {'class':<{width}}  {'AP':>6}  {'VOC AP':>6}  {'positives':>9}  "
                  f"{'P@' + at['kind'].split()[-1]:>7}  {'R@' + at['kind'].split()[-1]:>7}")
-    for k in order:
+    for k in best_first:
         value = ap["per_class"][k]
         numbers = ("     -       -" if np.isnan(value) else f"{value:6.2f}  {voc['per_class'][k]:6.2f}")
         lines.append(f"  {str(class_names[k]):<{width}}  {numbers}  {positives[k]:9d}  "
