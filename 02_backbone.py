@@ -352,10 +352,10 @@ def plot_position_encoding(path=FIGURE, d_model=256, side=14):
             (similarity(PositionEmbeddingLearned(d_model)(grid)[0].detach()), "learned, at init"),
             (similarity(PositionEmbeddingSine(d_model)(torch.zeros(1, 1, 18, 18))[0]), "sine, 18x18 (576 px)")]
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
-    for ax, (c, title) in zip(axes[0], channels):
+    for ax, (c, title) in zip(axes[0], channels, strict=True):
         ax.imshow(sine[c], cmap="RdBu", vmin=-1, vmax=1)
         ax.set_title(f"channel {c}: {title}", fontsize=9)
-    for ax, (sim, title) in zip(axes[1], maps):
+    for ax, (sim, title) in zip(axes[1], maps, strict=True):
         image = ax.imshow(sim, cmap="viridis")  # own colour range: sine similarities stay close to 1
         ax.plot(ref[1], ref[0], "r+", markersize=12)
         ax.set_title(f"{title}\ncos-sim to +: {sim.min():.2f} .. {sim.max():.2f}", fontsize=9)
@@ -459,7 +459,7 @@ if __name__ == "__main__":
             frozen_bn = sum(b.numel() for m in model.modules() for b in m.buffers()
                             if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d)))
             print(f"{name:18s} C={model.num_channels:5d} stride={model.stride:2d} "
-                  + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes))
+                  + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes, strict=True))
                   + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.3f}M"
                   f" (+{frozen_bn / 1e3:.1f}k frozen-BN buffer values)  weights: {model.weights_source}")
     except (WeightsUnavailableError, FileNotFoundError, ValueError) as error:

@@ -30,7 +30,7 @@ def torch_to_ours(state):
     for key, value in state.items():
         if key.endswith(("in_proj_weight", "in_proj_bias")):
             prefix, kind = key.rsplit("in_proj_", 1)
-            for name, part in zip("qkv", value.chunk(3)):
+            for name, part in zip("qkv", value.chunk(3), strict=True):
                 out[f"{prefix}{name}_proj.{kind}"] = part
         else:
             out[key] = value
@@ -92,10 +92,10 @@ def test_attention_matches_torch(stage03, dtype, tol, bias):
     ours_params = dict(ours.named_parameters())
     g_ref = torch.autograd.grad(out_ref, [q, k, v, *ref_params.values()], grad_out)
     g_ours = torch.autograd.grad(out, [q, k, v, *ours_params.values()], grad_out)
-    for name, a, b in zip("qkv", g_ours[:3], g_ref[:3]):
+    for name, a, b in zip("qkv", g_ours[:3], g_ref[:3], strict=True):
         torch.testing.assert_close(a, b, **tol, msg=f"gradient of input {name}")
-    g_ref_params = torch_to_ours(dict(zip(ref_params, g_ref[3:])))
-    for (name, grad) in zip(ours_params, g_ours[3:]):
+    g_ref_params = torch_to_ours(dict(zip(ref_params, g_ref[3:], strict=True)))
+    for (name, grad) in zip(ours_params, g_ours[3:], strict=True):
         torch.testing.assert_close(grad, g_ref_params[name], **tol, msg=f"gradient of {name}")
 
 
@@ -116,7 +116,7 @@ def test_fused_path_equals_explicit_path(stage03, dtype, tol):
     torch.testing.assert_close(fused, explicit, **tol)
     g_fused = torch.autograd.grad(fused.sum(), [q, k, v, ours.q_proj.weight])
     g_explicit = torch.autograd.grad(explicit.sum(), [q, k, v, ours.q_proj.weight])
-    for a, b in zip(g_fused, g_explicit):
+    for a, b in zip(g_fused, g_explicit, strict=True):
         torch.testing.assert_close(a, b, **tol)
 
 
@@ -368,7 +368,7 @@ def test_query2label_rejects_wrong_image_shape(stage03, tiny_model):
 
 def test_presets(stage03):
     official = stage03.PRESETS["official_r101"]
-    assert (official.backbone, official.d_model, official.num_heads, official.dim_feedforward) == ("resnet101", 2048, 4, 8192)
+    assert (official.backbone, official.d_model, official.num_heads, official.dim_feedforward) == ("resnet101.tv_in1k", 2048, 4, 8192)
     assert (official.enc_layers, official.dec_layers, official.dropout) == (1, 2, 0.1)
     assert not official.input_proj and not official.decoder_self_attention and not official.normalize_before
     assert official.frozen_bn and official.freeze_stem and official.position == "sine"

@@ -93,7 +93,7 @@ def test_float32_batch_matches_the_formula(stage04, name):
     gamma_neg, gamma_pos, clip = SETTINGS[name]
     x, t = grid(torch.float32)
     ours = stage04.asymmetric_loss(x, t, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=0.0)
-    pairs = zip(x.double().flatten().tolist(), t.flatten().tolist())
+    pairs = zip(x.double().flatten().tolist(), t.flatten().tolist(), strict=True)
     expected = sum(formula(a, b, gamma_neg, gamma_pos, clip) for a, b in pairs)
     assert ours.dtype == torch.float32
     assert ours.item() == pytest.approx(expected, rel=1e-6)
