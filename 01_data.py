@@ -83,6 +83,12 @@ def _first_bad_entry(data, ann_file):
     return None
 
 
+def file_fingerprint(path):
+    """A short content hash of a file: a checkpoint records its validation annotations' one, so that
+    evaluating it later can tell when that file (e.g. a regenerated built-in set) has changed."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def read_coco(ann_file):
     """Load and check a COCO instances JSON, then index it with pycocotools."""
     ann_file = Path(ann_file)
@@ -274,7 +280,7 @@ class SyntheticRecipe:
     """Everything the built-in dataset depends on (with the seed); the difficulty knobs live here."""
 
     image_size: int = 64  # native side in pixels
-    train_images: int = 4000
+    train_images: int = 8000
     val_images: int = 1000
     min_objects: int = 1
     max_objects: int = 4

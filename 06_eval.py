@@ -1096,6 +1096,10 @@ def run(args):
                  else f"{len(ours)} classes there, {len(class_names)} in the checkpoint")
         raise ValueError(f"{dataset.ann_file} defines other classes than the checkpoint was trained on "
                          f"({where}): evaluate on data with the same categories")
+    recorded = saved.get("val_ann_fingerprint")
+    if recorded and not (args.val_images or args.val_ann) and recorded != data.file_fingerprint(dataset.ann_file):
+        print(f"warning: {dataset.ann_file} has changed since this checkpoint was trained (e.g. the built-in "
+              f"set was regenerated with another recipe): its recorded mAP is not comparable with this one")
     out_dir = Path(args.out_dir) if args.out_dir else default_out
     config = {"val_images": str(dataset.image_dir), "val_ann": str(dataset.ann_file), "img_size": img_size,
               "drop_empty": dataset.drop_empty, "batch_size": batch_size, "device": str(device),

@@ -504,10 +504,21 @@ def test_evaluating_best_pt_reproduces_the_training_map(stage06, trained_run, ca
     for name in ("per_class_ap.png", "pr_curves.png"):
         with Image.open(trained_run / "eval" / name) as png:
             assert png.size[0] > 300 and png.size[1] > 150
-    assert "VOC mAP" in out and "CF1" in out and "top-3" in out
+    assert "VOC mAP" in out and "CF1" in out and "top-3" in out and "has changed" not in out
     table = [line.split() for line in out.splitlines() if line.split()[:1] in (["square"], ["disc"], ["bar"])]
     aps = [float(row[1]) for row in table]
     assert len(table) == 3 and aps == sorted(aps, reverse=True)  # the per-class table, best AP first
+
+
+def test_changed_validation_annotations_are_reported(stage06, trained_run, tmp_path, capsys):
+    """A checkpoint records a hash of its validation annotations; evaluating it on a changed file
+    (a regenerated built-in set, say) still works but warns that the numbers are not comparable."""
+    checkpoint = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    assert len(checkpoint["data"]["val_ann_fingerprint"]) == 16
+    checkpoint["data"]["val_ann_fingerprint"] = "0" * 16
+    torch.save(checkpoint, tmp_path / "altered.pt")
+    assert stage06.main(["--checkpoint", str(tmp_path / "altered.pt"), "--workers", "0"]) == 0
+    assert "has changed since this checkpoint was trained" in capsys.readouterr().out
 
 
 def test_last_pt_raw_and_ema_match_the_last_epoch(stage06, trained_run, tmp_path):
