@@ -41,13 +41,13 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +68,18 @@ CHECKPOINT_FORMAT = "q2l-checkpoint-v1"
 PRESETS = {
     "coco": dict(
         model="official_r101", pretrained=True, img_size=448, epochs=80, early_stop=8,
-        batch_size=64, lr=1e-4, weight_decay=1e-2, warmup_pct=0.2, grad_clip=0.0,
+        batch_size=64, lr=1e-4, backbone_lr=1e-4, weight_decay=1e-2, warmup_pct=0.2, grad_clip=0.0,
         ema_decay=0.9997, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
         loss_reduction="q2l", randaugment=True, cutout=True, hflip=False, cutmix=0.0, workers=8,
     ),
+    # From scratch, the backbone needs a higher learning rate than the transformer, which turns
+    # unstable above ~2e-3 (measured: see docs/05_train.md); augmentation would only slow a
+    # 10-epoch run down.
     "demo": dict(
-        model="demo", pretrained=False, img_size=96, epochs=8, early_stop=0,
-        batch_size=32, lr=1e-3, weight_decay=1e-2, warmup_pct=0.2, grad_clip=1.0,
-        ema_decay=0.99, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
-        loss_reduction="q2l", randaugment=False, cutout=True, hflip=True, cutmix=0.0, workers=2,
+        model="demo", pretrained=False, img_size=64, epochs=10, early_stop=0,
+        batch_size=32, lr=1e-3, backbone_lr=4e-3, weight_decay=1e-2, warmup_pct=0.2, grad_clip=1.0,
+        ema_decay=0.995, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
+        loss_reduction="q2l", randaugment=False, cutout=False, hflip=True, cutmix=0.0, workers=0,
     ),
 }
 # Values that no preset sets. A flag left unset takes the preset's value, else this one.
@@ -128,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="epochs; the one-cycle schedule spans exactly these")
     p.add_argument("--batch-size", type=int, help="images per step per process")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (AdamW)")
+    p.add_argument("--backbone-lr", type=float, help="peak learning rate of the backbone (DETR's lr_backbone)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (on all parameters, as official)")
     p.add_argument("--warmup-pct", type=float, help="fraction of steps spent warming up (OneCycleLR pct_start)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
@@ -150,7 +154,7 @@ def parse_args(argv=None):
     # * precision and speed
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto = bf16 on CUDA that supports it, else fp16 on CUDA, off on CPU")
-    p.add_argument("--channels-last", **bool_flag, help="NHWC memory format; default on for CUDA")
+    p.add_argument("--channels-last", **bool_flag, help="NHWC memory format for the convolutions; default on")
     p.add_argument("--compile", **bool_flag, help="torch.compile the model (slow start, faster steps)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu; default cuda when available")
     # * checkpoints and logging
@@ -203,10 +207,19 @@ def setup_distributed(device_flag):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if device_flag:
-        device = torch.device(device_flag)
+        try:
+            device = torch.device(device_flag)
+        except RuntimeError:
+            raise SystemExit(f"error: --device {device_flag!r} is not a device; use cpu, cuda or cuda:N") from None
     else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {device_flag} asked for CUDA, but PyTorch sees no CUDA device here")
+        if device.index is None:  # plain "cuda": this process's GPU under torchrun, else the first
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -230,6 +243,9 @@ def amp_dtype_for(choice, device):
 
 
 def build_model_config(config, num_classes):
+    if config["model"] not in transformer.PRESETS:
+        raise SystemExit(f"error: --model {config['model']!r} is not a preset; choose one of "
+                         f"{sorted(transformer.PRESETS)} (03_transformer.PRESETS)")
     cfg = dataclasses.replace(transformer.PRESETS[config["model"]], num_classes=num_classes)
     overrides = dict(backbone=config["backbone"], pretrained=config["pretrained"], weights=config["weights"],
                      d_model=config["d_model"], num_heads=config["heads"], dim_feedforward=config["ff"],
@@ -370,7 +386,9 @@ class Log:
     def __init__(self, d, run_dir):
         self.main, self.file, self.writer = d.main, None, None
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # imported here: tensorboard is slow to import
+            )
 
             run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(run_dir / "train.log", "a")
@@ -395,25 +413,14 @@ class Log:
 
 # ----------------------------------------------------------------------------- validation
 
-@torch.no_grad()
-def predict_scores(model, loader, device, amp_dtype, channels_last, desc="val", show=True):
-    """Sigmoid scores and targets for the loader's images, in the loader's sampler order."""
-    model.eval()
-    scores, targets = [], []
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        scores.append(torch.sigmoid(logits.float()).cpu())
-        targets.append(target)
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
-
-
 def validate(model, loader, d, amp_dtype, channels_last, class_names, desc):
     """Scores every validation image exactly once across all processes, then computes the metrics."""
-    scores, targets = predict_scores(model, loader, d.device, amp_dtype, channels_last, desc, d.main)
     indices = np.asarray(list(loader.sampler), dtype=np.int64)  # dataset index of each row
+    if len(indices):
+        scores, targets = evaluation.predict_scores(model, loader, d.device, amp_dtype, channels_last, desc, d.main)
+    else:  # more processes than validation images: this one has nothing to score
+        K = len(class_names)
+        scores, targets = np.zeros((0, K), np.float32), np.zeros((0, K), np.float32)
     if d.world > 1:
         parts = [None] * d.world
         dist.all_gather_object(parts, (indices, scores, targets))
@@ -473,7 +480,9 @@ def train_one_epoch(state, ctx, stop):
                 scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # also on a skipped step, so the schedule still ends at the last epoch
+        with warnings.catch_warnings():  # a skipped step is deliberate here, PyTorch's warning is not for us
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()  # also on a skipped step, so the schedule still ends at the last epoch
         state["global_step"] += 1
         state["step_in_epoch"] += 1
         if nonfinite:
@@ -493,7 +502,7 @@ def train_one_epoch(state, ctx, stop):
         bar.update(1)
         if d.main and (state["step_in_epoch"] % 10 == 0 or state["step_in_epoch"] == len(loader)):
             rate = images_seen / (time.perf_counter() - seen_at)
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[1]  # the transformer's (--lr); the backbone's is scaled alike
             bar.set_postfix(loss=f"{state['loss_sum'] / max(state['loss_count'], 1):.4f}", lr=f"{lr:.2e}",
                             img_s=f"{rate:.0f}")
             ctx["log"].scalars({"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": rate},
@@ -709,8 +718,13 @@ def run(args, d):
 
     # * model, EMA, optimiser, schedule, loss
     model_config = build_model_config(config, len(train_set.class_names))
-    channels_last = config["channels_last"] if config["channels_last"] is not None else d.device.type == "cuda"
-    model = transformer.Query2Label(model_config).to(d.device)
+    # NHWC is faster for convolutions on CUDA (tensor cores) and, measured here, on the CPU too.
+    channels_last = config["channels_last"] if config["channels_last"] is not None else True
+    try:
+        model = transformer.Query2Label(model_config).to(d.device)
+    except (transformer.backbone.WeightsUnavailableError, FileNotFoundError, ValueError, NotImplementedError) as error:
+        # no network for the hub, a missing or mismatched weights file, an unknown backbone, a bad width
+        raise SystemExit(f"error: cannot build the model: {error}") from None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -718,9 +732,12 @@ def run(args, d):
     log(f"model: {model_config.backbone}, d {model_config.d_model}, {n_train / 1e6:.2f}M trainable of "
         f"{n_all / 1e6:.2f}M parameters")
     ema = ModelEMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                                  weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], pct_start=config["warmup_pct"],
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": config["backbone_lr"]},
+              {"params": [p for n, p in trainable if not n.startswith("backbone.")], "lr": config["lr"]}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config["weight_decay"])  # on every parameter, as official
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                    pct_start=config["warmup_pct"],
                                                     total_steps=config["epochs"] * len(train_loader))
     amp_dtype = amp_dtype_for(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
@@ -735,6 +752,7 @@ def run(args, d):
                model_config=model_config, class_names=list(train_set.class_names), cutmix_rng=cutmix_rng,
                cutmix=data.CutMix(config["cutmix_alpha"], config["cutmix"]) if config["cutmix"] > 0 else None,
                data_info={"kind": spec.kind, "val_images": str(spec.val_images), "val_ann": str(spec.val_ann),
+                          "val_ann_fingerprint": data.file_fingerprint(spec.val_ann),
                           "img_size": config["img_size"], "drop_empty": config["drop_empty"]})
     if config["benchmark"]:
         result = benchmark(ctx)
@@ -797,7 +815,7 @@ def end_of_epoch(state, ctx, seconds):
     epoch = state["epoch"]
     record = {"epoch": epoch + 1, "step": state["global_step"],
               "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
-              "lr": ctx["scheduler"].get_last_lr()[0], "mAP_raw": raw["mAP"], "mAP_ema": ema and ema["mAP"],
+              "lr": ctx["scheduler"].get_last_lr()[1], "mAP_raw": raw["mAP"], "mAP_ema": ema and ema["mAP"],
               "mAP_voc": better["mAP_voc"], "CF1": better["CF1"], "OF1": better["OF1"],
               "CF1_top3": better["CF1_top3"], "OF1_top3": better["OF1_top3"], "source": source,
               "images_scored": raw["images_scored"], "bad_images": ctx["train_loader"].dataset.bad_count,

@@ -55,10 +55,9 @@ def test_one_epoch_writes_checkpoints_config_and_tensorboard(stage05, tiny_coco,
     assert any(tag.startswith("pr/") for tag in events.Tags()["tensors"])  # PR curves at the end
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(stage05, tiny_coco, tmp_path, monkeypatch):
-    """SIGTERM mid-epoch writes last.pt and stops; resuming ends with the uninterrupted run's weights,
-    and the learning-rate schedule spans exactly the requested epochs."""
-    full = stage05.main(tiny_args(tiny_coco, tmp_path, "full"))
+def stop_with_sigterm_then_resume(stage05, tiny_coco, tmp_path, monkeypatch, *extra):
+    """An uninterrupted 2-epoch run, and the same run stopped by SIGTERM at step 6 then resumed."""
+    full = stage05.main(tiny_args(tiny_coco, tmp_path, "full", *extra))
     original = stage05.build_loss
 
     def loss_that_signals_at_step_6(config):
@@ -73,13 +72,19 @@ def test_sigterm_then_resume_equals_uninterrupted_run(stage05, tiny_coco, tmp_pa
         return wrapped
 
     monkeypatch.setattr(stage05, "build_loss", loss_that_signals_at_step_6)
-    stopped = stage05.main(tiny_args(tiny_coco, tmp_path, "cut"))
+    stopped = stage05.main(tiny_args(tiny_coco, tmp_path, "cut", *extra))
     assert stopped["outcome"] == "stopped"
     assert load(Path(stopped["run_dir"]) / "last.pt")["step"] == 6
     monkeypatch.setattr(stage05, "build_loss", original)
     resumed = stage05.main(["--resume", str(Path(stopped["run_dir"]) / "last.pt")])
     assert resumed["outcome"] == "done" and resumed["run_dir"] == stopped["run_dir"]
+    return full, resumed
 
+
+def test_sigterm_then_resume_equals_uninterrupted_run(stage05, tiny_coco, tmp_path, monkeypatch):
+    """SIGTERM mid-epoch writes last.pt and stops; resuming ends with the uninterrupted run's weights,
+    and the learning-rate schedule spans exactly the requested epochs."""
+    full, resumed = stop_with_sigterm_then_resume(stage05, tiny_coco, tmp_path, monkeypatch)
     a, b = load(Path(full["run_dir"]) / "last.pt"), load(Path(resumed["run_dir"]) / "last.pt")
     assert_same_tensors(a["model"], b["model"], "model")
     assert_same_tensors(a["ema"]["module"], b["ema"]["module"], "EMA")
@@ -219,3 +224,61 @@ def test_two_process_gloo_run_scores_every_validation_image_once(stage05, tiny_c
     assert "processes: 2" in (run / "train.log").read_text()
     assert load(run / "last.pt")["world_size"] == 2
     assert not (tmp_path / "ddp-2").exists()  # one run folder for both processes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_mixed_precision_run_trains_and_checkpoints(stage05, tiny_coco, tmp_path, amp):
+    """On CUDA: fp16 trains through a gradient scaler whose state is checkpointed, bf16 without one;
+    losses, metrics and saved weights are finite and the checkpoint loads on the CPU."""
+    summary = stage05.main(tiny_args(tiny_coco, tmp_path, amp, "--device", "cuda", "--amp", amp,
+                                     "--no-deterministic"))
+    run = Path(summary["run_dir"])
+    assert summary["outcome"] == "done" and summary["epochs"] == 2
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([h["train_loss"], h["mAP_raw"]])).all() for h in history)
+    last = load(run / "last.pt")
+    assert last["args"]["amp"] == amp
+    assert ("scale" in last["scaler"]) == (amp == "fp16")  # a disabled scaler saves an empty state
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+def test_cuda_benchmark_reports_peak_memory(stage05, tiny_coco, tmp_path):
+    result = stage05.main(tiny_args(tiny_coco, tmp_path, "bench", "--device", "cuda", "--amp", "bf16",
+                                    "--benchmark", "--benchmark-steps", "3"))
+    assert result["device"].startswith("cuda") and result["peak_gpu_memory_gib"] > 0
+    assert result["train_images_per_s"] > 0 and result["data_images_per_s"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_sigterm_then_resume_equals_uninterrupted_run(stage05, tiny_coco, tmp_path, monkeypatch):
+    """The same exact-resume guarantee on CUDA with fp16 and --deterministic: the gradient scaler's
+    state and the CUDA random state come back with the rest."""
+    full, resumed = stop_with_sigterm_then_resume(stage05, tiny_coco, tmp_path, monkeypatch,
+                                                  "--device", "cuda", "--amp", "fp16")
+    a, b = load(Path(full["run_dir"]) / "last.pt"), load(Path(resumed["run_dir"]) / "last.pt")
+    worst = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"]
+                if a["model"][k].is_floating_point())
+    print(f"largest weight difference, resumed vs uninterrupted (CUDA, fp16): {worst:.3g}")
+    assert a["scaler"] == b["scaler"]
+    assert_same_tensors(a["model"], b["model"], "model")
+
+
+def test_bad_device_flag_is_a_clear_error(stage05):
+    with pytest.raises(SystemExit, match="not a device"):
+        stage05.setup_distributed("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA device"):
+            stage05.setup_distributed("cuda")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weights", "no/such/weights.pth"], "does not exist"),
+    (["--backbone", "no_such_net"], "unknown timm model"),
+    (["--model", "no_such_preset"], "not a preset"),
+    (["--d-model", "30"], "divisible by 4"),
+])
+def test_model_mistakes_are_one_line_errors(stage05, tiny_coco, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        stage05.main(tiny_args(tiny_coco, tmp_path, "bad", *flags))
