@@ -393,14 +393,19 @@ def memory_probe(grad):
                           weights=sum(weights.values()) / 2**20)))
 
 
-def benchmark(names=("resnet18", "resnet10t"), S=224, batch=8, rounds=5):
+# (backbone, input side, batch): the demo's backbone as 05_train.py's demo preset feeds it, then two
+# small ResNets at the usual ImageNet size.
+BENCHMARK_CASES = (("test_resnet", 64, 32), ("resnet10t", 224, 8), ("resnet18", 224, 8))
+
+
+def benchmark(cases=BENCHMARK_CASES, rounds=5):
     """Backbone forward images/s (eval, no_grad), NCHW vs channels_last in interleaved rounds; memory."""
     import json
     import subprocess
 
-    print(f"CPU, {torch.get_num_threads()} threads, batch {batch}, {S}px, eval, no_grad, median of {rounds} rounds")
+    print(f"CPU, {torch.get_num_threads()} threads, eval, no_grad, median of {rounds} rounds")
     layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-    for name in names:
+    for name, S, batch in cases:
         model, x = Backbone(name, verbose=False).eval(), torch.randn(batch, 3, S, S)
         rates = {layout: [] for layout in layouts}
         with torch.no_grad():
@@ -412,7 +417,8 @@ def benchmark(names=("resnet18", "resnet10t"), S=224, batch=8, rounds=5):
                     if r:
                         rates[layout].append(batch / (time.perf_counter() - start))
         nchw, last = (sorted(rates[k])[rounds // 2] for k in layouts)
-        print(f"  {name:12s} NCHW {nchw:7.1f} img/s   channels_last {last:7.1f} img/s   ratio {last / nchw:.2f}x")
+        print(f"  {name:12s} {S:3d}px batch {batch:2d}: NCHW {nchw:7.1f} img/s   channels_last {last:7.1f} img/s"
+              f"   ratio {last / nchw:.2f}x")
     if sys.platform != "linux":
         print("peak memory: needs Linux /proc (VmHWM); skipped")
         return
