@@ -74,9 +74,9 @@ PRESETS = {
     ),
     # From scratch, the backbone needs a higher learning rate than the transformer, which turns
     # unstable above ~2e-3 (measured: see docs/05_train.md); augmentation would only slow a
-    # 10-epoch run down.
+    # short run down.
     "demo": dict(
-        model="demo", pretrained=False, img_size=64, epochs=10, early_stop=0,
+        model="demo", pretrained=False, img_size=64, epochs=9, early_stop=0,
         batch_size=32, lr=1e-3, backbone_lr=4e-3, weight_decay=1e-2, warmup_pct=0.2, grad_clip=1.0,
         ema_decay=0.995, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
         loss_reduction="q2l", randaugment=False, cutout=False, hflip=True, cutmix=0.0, workers=0,
