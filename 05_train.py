@@ -648,10 +648,12 @@ def main(argv=None):
     args = parse_args(argv)
     d = setup_distributed(args.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    onednn_deterministic = torch.backends.mkldnn.deterministic
     try:
         return run(args, d)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)  # a caller (tests, a notebook) gets it back
+    finally:  # a caller (tests, a notebook) gets its settings back
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.mkldnn.deterministic = onednn_deterministic
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -688,6 +690,9 @@ def run(args, d):
     np.random.seed(config["seed"] + d.rank)
     if config["deterministic"]:
         torch.use_deterministic_algorithms(True)
+        # oneDNN, the CPU convolutions, may reduce with atomics unless told not to; the switch above
+        # does not cover it (torch.backends.mkldnn.deterministic stays False by default).
+        torch.backends.mkldnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif d.device.type == "cuda":

@@ -216,12 +216,13 @@ def tiny_coco(tmp_path_factory):
 
 def tiny_train_args(tiny_coco, out_dir, name, *extra, epochs=2):
     """05_train.py flags for a model and recipe small enough for a few seconds per epoch on a CPU:
-    4 steps of 8 images per epoch, 64 px, a 0.4M-parameter backbone, d 32."""
+    4 steps of 8 images per epoch, 64 px, a 0.4M-parameter backbone, d 32. On the CPU on every
+    machine (the same results everywhere); the CUDA tests add "--device cuda", which wins."""
     return [
         "--train-images", str(tiny_coco["train_images"]), "--train-ann", str(tiny_coco["train_ann"]),
         "--val-images", str(tiny_coco["val_images"]), "--val-ann", str(tiny_coco["val_ann"]),
         "--preset", "demo", "--backbone", "test_resnet", "--no-pretrained", "--d-model", "32",
         "--heads", "2", "--ff", "64", "--img-size", "64", "--batch-size", "8", "--epochs", str(epochs),
-        "--workers", "0", "--amp", "off", "--deterministic", "--lr", "1e-3",
+        "--workers", "0", "--amp", "off", "--deterministic", "--lr", "1e-3", "--device", "cpu",
         "--out-dir", str(out_dir), "--name", name, *extra,
     ]
