@@ -59,7 +59,7 @@ from tqdm import tqdm
 data = importlib.import_module("01_data")  # module names may not start with a digit
 transformer = importlib.import_module("03_transformer")
 losses = importlib.import_module("04_loss")
-evaluation = importlib.import_module("06_eval")  # metrics only; see "Import note" above
+evaluation = importlib.import_module("06_eval")  # metrics, predict_scores, amp_dtype_for; see "Import note"
 
 CHECKPOINT_FORMAT = "q2l-checkpoint-v1"
 
@@ -232,15 +232,6 @@ def barrier(d):
 
 
 # ----------------------------------------------------------------------------- pieces of the recipe
-
-def amp_dtype_for(choice, device):
-    """bf16 needs no loss scaling (same exponent range as fp32); fp16 does; CPU default is fp32."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
-
 
 def build_model_config(config, num_classes):
     if config["model"] not in transformer.PRESETS:
@@ -744,7 +735,8 @@ def run(args, d):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                     pct_start=config["warmup_pct"],
                                                     total_steps=config["epochs"] * len(train_loader))
-    amp_dtype = amp_dtype_for(config["amp"], d.device)
+    # bf16 needs no loss scaling (the exponent range of fp32); fp16 does; the CPU default is fp32
+    amp_dtype = evaluation.amp_dtype_for(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     if config["compile"]:
         model = torch.compile(model)

@@ -40,6 +40,18 @@ def learner_path(number):
     return Path(value).expanduser().resolve() if value else None
 
 
+@pytest.fixture
+def restore_stage_modules():
+    """For tests that load a learner's file as a stage: afterwards, sys.modules holds our stages again."""
+    saved = {name: sys.modules.get(name) for name in STAGES.values()}
+    yield
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+
+
 def load_learner_file(number, path):
     """Import a learner's file as stage `number`'s module (e.g. `03_transformer`)."""
     name = STAGES[number]

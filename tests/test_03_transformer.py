@@ -9,7 +9,6 @@ Dropout is 0 wherever outputs are compared. Learner mode: Q2L_STAGE_03=my_file.p
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import conftest
@@ -469,17 +468,7 @@ def test_converter_refuses_wrong_shapes_and_loads_nothing(stage03, r18_pair, tmp
 
 # * learner mode -------------------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_stage03():
-    saved = sys.modules.get("03_transformer")
-    yield
-    if saved is None:
-        sys.modules.pop("03_transformer", None)
-    else:
-        sys.modules["03_transformer"] = saved
-
-
-def test_these_tests_run_on_a_learners_file(tmp_path, restore_stage03):
+def test_these_tests_run_on_a_learners_file(tmp_path, restore_stage_modules):
     # Loaded as Q2L_STAGE_03=my_transformer.py would load it: a learner who has written attention only.
     source = (conftest.ROOT / "03_transformer.py").read_text()
     attention_only = source.split("\nclass TransformerEncoderLayer(")[0] + "\n"

@@ -7,7 +7,6 @@ entry at a time, in Python floats (float64) with plain sigmoid and log.
 """
 
 import math
-import sys
 from pathlib import Path
 
 import conftest
@@ -386,17 +385,7 @@ def test_plot_writes_a_png(stage04, tmp_path):
 # ------------------------------------------------------------------ learner mode
 
 
-@pytest.fixture
-def restore_stage04():
-    saved = sys.modules.get("04_loss")
-    yield
-    if saved is None:
-        sys.modules.pop("04_loss", None)
-    else:
-        sys.modules["04_loss"] = saved
-
-
-def test_these_tests_run_on_a_learners_file(tmp_path, restore_stage04):
+def test_these_tests_run_on_a_learners_file(tmp_path, restore_stage_modules):
     # Loaded as Q2L_STAGE_04=my_loss.py would load it (tests/test_learner_mode.py checks the variable).
     source = (ROOT / "04_loss.py").read_text().split("\ndef bce(")[0] + "\n"  # functional form only
     mine = tmp_path / "my_loss.py"

@@ -12,17 +12,7 @@ import conftest
 import pytest
 
 
-@pytest.fixture
-def restore_stage04():
-    saved = sys.modules.get("04_loss")
-    yield
-    if saved is None:
-        sys.modules.pop("04_loss", None)
-    else:
-        sys.modules["04_loss"] = saved
-
-
-def test_learner_file_is_loaded_under_the_stage_name(tmp_path, restore_stage04):
+def test_learner_file_is_loaded_under_the_stage_name(tmp_path, restore_stage_modules):
     mine = tmp_path / "my_loss.py"
     mine.write_text("ANSWER = 42\n")
     module = conftest.load_learner_file(4, mine)
@@ -30,7 +20,7 @@ def test_learner_file_is_loaded_under_the_stage_name(tmp_path, restore_stage04):
     assert conftest.Stage(module, mine).ANSWER == 42
 
 
-def test_missing_name_skips_for_a_learner_and_fails_for_the_reference(tmp_path, restore_stage04):
+def test_missing_name_skips_for_a_learner_and_fails_for_the_reference(tmp_path, restore_stage_modules):
     mine = tmp_path / "my_loss.py"
     mine.write_text("ANSWER = 42\n")
     module = conftest.load_learner_file(4, mine)
@@ -45,7 +35,7 @@ def test_bad_learner_path_names_the_variable(tmp_path):
         conftest.load_learner_file(4, tmp_path / "nope.py")
 
 
-def test_learner_file_that_fails_to_import_is_reported(tmp_path, restore_stage04):
+def test_learner_file_that_fails_to_import_is_reported(tmp_path, restore_stage_modules):
     mine = tmp_path / "broken.py"
     mine.write_text("raise RuntimeError('half-written')\n")
     with pytest.raises(pytest.UsageError, match="broken.py as stage 04_loss failed"):
