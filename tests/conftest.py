@@ -72,26 +72,33 @@ def load_learner_file(number, path):
 
 
 class Stage:
-    """A stage module seen through the tests: a missing name skips in learner mode."""
+    """A stage module seen through the tests: a missing name skips in learner mode.
+
+    Every attribute operation goes to the module: get, set, delete, and `__dict__` itself (the
+    proxy has no instance dictionary of its own, thanks to __slots__). So monkeypatch.setattr(stage05,
+    "name", value) patches the module the code runs in and its undo() restores the module's own
+    value, on pytest 8 and on pytest >= 9.2 (which reads the old value from the target's __dict__).
+    """
+
+    __slots__ = ("_module", "_learner_file")
 
     def __init__(self, module, learner_file=None):
-        self._module = module
-        self._learner_file = learner_file
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_learner_file", learner_file)
 
-    def __getattr__(self, attribute):
+    def __getattr__(self, attribute):  # only called for names the proxy itself lacks
         try:
             return getattr(self._module, attribute)
         except AttributeError:
-            if self._learner_file is None:
+            if self._learner_file is None or attribute.startswith("__"):
                 raise
             pytest.skip(f"{self._learner_file.name} does not define `{attribute}` yet")
 
     def __setattr__(self, attribute, value):
-        # monkeypatch.setattr(stage05, "build_loss", ...) must patch the module the code runs in
-        if attribute.startswith("_"):
-            object.__setattr__(self, attribute, value)
-        else:
-            setattr(self._module, attribute, value)
+        setattr(self._module, attribute, value)
+
+    def __delattr__(self, attribute):
+        delattr(self._module, attribute)
 
     def __repr__(self):
         source = self._learner_file or getattr(self._module, "__file__", "?")
@@ -114,11 +121,25 @@ def pytest_configure(config):
             config._q2l_learner[number] = path
 
 
+def _versions():
+    """The versions a failure report needs: python and the libraries the stages are built on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = [f"python {platform.python_version()}"]
+    for package in ("torch", "torchvision", "timm", "numpy", "pytest"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    return "q2l: versions: " + ", ".join(found)
+
+
 def pytest_report_header(config):
     learner = getattr(config, "_q2l_learner", {})
     if not learner:
-        return "q2l: reference stages (set Q2L_STAGE_0N=path.py to test your own file)"
-    return [f"q2l: learner mode: stage {STAGES[n]} <- {p}" for n, p in sorted(learner.items())]
+        return [_versions(), "q2l: reference stages (set Q2L_STAGE_0N=path.py to test your own file)"]
+    return [_versions()] + [f"q2l: learner mode: stage {STAGES[n]} <- {p}" for n, p in sorted(learner.items())]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -131,6 +152,12 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow or Q2L_RUN_SLOW=1")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is visible here")
+    learner = getattr(config, "_q2l_learner", {})
+    # In learner mode, tests that pin our error wording say nothing about a learner's lesson: deselected.
+    hardening = [item for item in items if learner and "hardening" in item.keywords]
+    if hardening:
+        config.hook.pytest_deselected(items=hardening)
+        items[:] = [item for item in items if item not in hardening]
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)

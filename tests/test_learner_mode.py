@@ -49,3 +49,21 @@ def test_environment_variable_selects_the_file(tmp_path, monkeypatch):
     assert conftest.learner_path(6) == mine.resolve()
     monkeypatch.delenv("Q2L_STAGE_06")
     assert conftest.learner_path(6) is None
+
+
+def test_monkeypatch_through_the_stage_proxy_patches_and_restores_the_module(tmp_path, restore_stage_modules):
+    """The proxy forwards set, delete and __dict__, so monkeypatch's undo restores the module's value
+    (pytest >= 9.2 reads the old value from the target's __dict__ and deletes it on undo if absent)."""
+    mine = tmp_path / "my_loss.py"
+    mine.write_text("def build(): return 'original'\n")
+    module = conftest.load_learner_file(4, mine)
+    stage = conftest.Stage(module, mine)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(stage, "build", lambda: "patched")
+    assert module.build() == "patched"
+    patch.undo()
+    assert module.build() == "original"
+    patch.setattr(stage, "extra", 1, raising=False)
+    assert module.extra == 1
+    patch.undo()
+    assert not hasattr(module, "extra")
