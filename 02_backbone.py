@@ -23,8 +23,10 @@ Deviations from the official Query2Label code:
 
 import argparse
 import math
+import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import timm
@@ -185,6 +187,40 @@ def load_weights(model, path, verbose=True):
         if head_keys:
             print(f"  unexpected but expected ({len(head_keys)}): {', '.join(head_keys)} (ImageNet classifier head)")
     return list(missing), list(unexpected)
+
+
+class FileProblem(ValueError):
+    """A file the user gave that cannot be used; the message names it and says what to do."""
+
+
+def load_torch_file(path, what="checkpoint", trusted=False):
+    """torch.load(path) on the CPU, with one-line errors for the usual mistakes: no such file, a folder,
+    a file torch.save did not write, a cut-off archive, pickled Python objects (refused unless
+    `trusted`: weights_only=False runs code from the file). Every stage that reads a .pt uses this."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileProblem(f"{what} {path} is a folder; give a file in it")
+    if not path.is_file():
+        raise FileProblem(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise FileProblem(f"{what} {path} is a damaged zip archive ({path.stat().st_size:,} bytes): "
+                          "cut off while being written or copied?")
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise FileProblem(f"{what} {path} is not a PyTorch file ({path.stat().st_size:,} bytes starting "
+                          f"{head!r}; torch.save writes a zip archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as error:  # pickled objects that weights_only refuses, or a damaged archive
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found:
+            raise FileProblem(f"{what} {path} holds pickled Python objects ({found.group(1)}), which "
+                              "loading with weights_only=True refuses; if you trust its source, pass "
+                              "--trusted") from None
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise FileProblem(f"{what} {path} is not a readable PyTorch file ({type(error).__name__}: "
+                          f"{reason})") from None
 
 
 # ----------------------------------------------------------------------------- backbone
