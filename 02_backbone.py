@@ -5,33 +5,32 @@ Paper: Liu et al. 2021, Sec. 3.1 ("Spatial feature extraction"): a backbone turn
 projects C to the transformer width d; each of the N = H·W positions gets a 2D sine position
 encoding (DETR, Carion et al. 2020) that the transformer adds to its queries and keys.
 
-    python 02_backbone.py               # feature shapes at two sizes, parameter counts, PE figure
-    python 02_backbone.py --benchmark   # CPU throughput ± channels_last, resnet101 peak memory
+    python 02_backbone.py    # feature shapes at two sizes, parameter counts, position-encoding figure
+    python tools/bench_backbone.py   # CPU throughput ± channels_last, BN folding, resnet101 memory
 
 Next stage: 03_transformer.py reads these feature maps with one query per label.
 
 Shapes (batch-first): B batch, C backbone channels, S input side, H×W feature map, d model width.
 
 Deviations from the official Query2Label code:
-- Any timm backbone instead of a handful of torchvision/hand-made ones; token models (ViT, Swin)
-  are reshaped into a (B, C, H, W) grid by timm's own `forward_intermediates`.
-- The sine encoding is computed for whatever H×W arrives (cached per size) instead of a fixed
-  buffer for one input size (official issue #16), so one model runs at 224, 448 and 576.
-- No padding mask (DETR has one): every image is resized to a full square, nothing is padded.
+- Any timm backbone; token models (ViT, Swin) become a (B, C, H, W) grid via `forward_intermediates`.
+- Finer grids on request (timm): `output_stride=8/16` dilates the last stages, `feature_stage=2`
+  stops after layer2; either way H = S/8 or S/16 instead of S/32.
+- The sine encoding is computed for whatever H×W arrives (cached per size), not a buffer for one
+  input size (official issue #16). No padding mask (DETR has one): images are full squares.
 - The learned encoding puts y (rows) before x (columns), like the sine one; DETR's puts x first.
+- `fold_bn=True` folds frozen BatchNorm into the convolution before it (see fold_frozen_batchnorm).
 """
 
 import argparse
 import math
 import re
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import timm
 import torch
-from timm.models._manipulate import group_parameters
 from torch import nn
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
@@ -39,14 +38,174 @@ DEMO_BACKBONES = ["test_resnet", "test_convnext", "test_efficientnet", "test_vit
 FIGURE = Path("docs/figures/02_position_encoding.png")
 
 
-# ----------------------------------------------------------------------------- frozen BatchNorm
+# ----------------------------------------------------------------------------- backbone
+class Backbone(nn.Module):
+    """A timm model that maps images (B, 3, S, S) to an unpooled feature map (B, C, H, W).
+
+    CNNs go through `forward_features`; token models (ViT, Swin) through
+    `forward_intermediates(output_fmt="NCHW")`, which drops prefix tokens, applies the final norm
+    and reshapes tokens into the H×W patch grid (built with `dynamic_img_size=True`, so any side
+    that is a multiple of `stride` works). `num_channels` is C, `stride` is S / H. A local `weights`
+    file wins over `pretrained`. Finer grids: `output_stride` (8, 16; None = the model's own) dilates
+    the last stages; `feature_stage` (e.g. 2: ResNet layer2, stride 8) stops after that stage (timm's
+    features_only). `fold_bn` folds frozen BN into the convolutions after the weights are in.
+    """
+
+    def __init__(self, name="resnet18", pretrained=False, weights=None, frozen_bn=True,
+                 freeze_stem=True, verbose=True, output_stride=None, feature_stage=None, fold_bn=False,
+                 **timm_kwargs):
+        super().__init__()
+        self.name, self.feature_stage = name, feature_stage
+        if output_stride is not None:
+            timm_kwargs["output_stride"] = output_stride
+        if feature_stage is not None:  # timm's feature extractor, cut after that stage
+            timm_kwargs.update(features_only=True, out_indices=(feature_stage,))
+        try:
+            self.body = create_timm_model(name, pretrained=pretrained and weights is None, **timm_kwargs)
+        except TypeError as error:  # a model without dilation support rejects output_stride
+            raise ValueError(f"backbone {name!r} cannot build with {timm_kwargs}: {error}") from None
+        if weights is not None:
+            load_weights(self.body, weights, verbose=verbose)
+        self.weights_source = str(weights) if weights is not None else "timm hub" if pretrained else "none (random init)"
+        if verbose and weights is None and not pretrained:
+            print(f"!!! backbone {name}: NO pretrained weights, random init. Fine for tests and the"
+                  f" built-in data; for real data use pretrained=True or weights=FILE.")
+        # token models do not end in a plain NCHW map from forward_features
+        self.token_model = feature_stage is None and (getattr(self.body, "output_fmt", "NCHW") != "NCHW"
+                                                      or hasattr(self.body, "num_prefix_tokens"))
+        info = self.body.feature_info  # a features_only model's info covers the stages it keeps
+        last = info.get_dicts()[-1] if feature_stage is not None else info[-1]
+        self.stride = last["reduction"]
+        if output_stride is not None and self.stride > output_stride:
+            raise ValueError(f"backbone {name!r} ignored output_stride={output_stride} (its stride is "
+                             f"{self.stride}); use a ResNet-style model or drop output_stride")
+        self.num_channels = last["num_chs"] if self.token_model or feature_stage is not None else self.body.num_features
+        if freeze_stem and feature_stage is not None:  # timm's feature extractor has no group_matcher
+            with torch.device("meta"):  # the whole model's, built without memory, keeps the same names
+                self.body.group_matcher = timm.create_model(name).group_matcher
+        self.frozen_names = freeze_stem_and_first_stage(self.body) if freeze_stem else []
+        if frozen_bn:
+            freeze_batchnorm(self.body)
+        if fold_bn:
+            if not frozen_bn:
+                raise ValueError("fold_bn needs frozen_bn: a training BatchNorm's statistics change every step")
+            self.folded = fold_frozen_batchnorm(self.body)
+
+    def forward(self, x):  # x (B, 3, S, S)
+        if self.feature_stage is not None:
+            return self.body(x)[-1]  # (B, C, H, W): the last stage kept
+        if self.token_model:
+            S_h, S_w = x.shape[-2:]
+            if S_h % self.stride or S_w % self.stride:
+                raise ValueError(f"{self.name} needs input sides divisible by {self.stride}; got {S_h}x{S_w}")
+            return self.body.forward_intermediates(
+                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]  # (B, C, H, W)
+        return self.body.forward_features(x)  # (B, C, H, W)
+
+
+def make_projection(in_channels, d_model, enabled=True):
+    """1×1 convolution C -> d (a per-position linear map), or nn.Identity when disabled.
+
+    Why: the transformer's cost grows with d² per token and C is large (2048 for ResNet-101); a 1×1
+    conv lets d be chosen freely. The official R101 runs without it (d = C = 2048).
+    """
+    if enabled:
+        return nn.Conv2d(in_channels, d_model, kernel_size=1)
+    if in_channels != d_model:
+        raise ValueError(f"input projection disabled but backbone channels C={in_channels} != d_model={d_model};"
+                         f" enable the projection or set d_model={in_channels}")
+    return nn.Identity()
+
+
+# ----------------------------------------------------------------------------- position encodings
+class PositionEmbeddingSine(nn.Module):
+    """DETR's 2D sine encoding, computed for any H×W and cached per (size, device, dtype).
+
+    With F = d/2 features per axis, k = 0..F-1, y = row index (1..H), x = column index (1..W):
+        y' = y / (H + eps) · scale,  x' = x / (W + eps) · scale          (normalize=True)
+        ω_k = temperature ^ (2·⌊k/2⌋ / F)
+        PE[k]     = sin(y' / ω_k) for even k, cos(y' / ω_k) for odd k    (channels 0..F-1: y)
+        PE[F + k] = the same with x'                                     (channels F..d-1: x)
+    Why: sin/cos pairs at geometric frequencies let attention tell positions apart and compute
+    offsets; normalising to [0, 2π] makes a position mean "fraction of the image", whatever S is.
+    """
+
+    def __init__(self, d_model, temperature=10000, normalize=True, scale=2 * math.pi, eps=1e-6):
+        super().__init__()
+        if d_model % 4:
+            raise ValueError(f"d_model={d_model} must be divisible by 4 (d/2 per axis, in sin/cos pairs)")
+        self.num_pos_feats = d_model // 2
+        self.temperature, self.normalize, self.scale, self.eps = temperature, normalize, scale, eps
+        self._cache = {}
+
+    def encode(self, H, W, device=None):  # -> (1, d, H, W), float32
+        y = torch.arange(1, H + 1, dtype=torch.float32, device=device)  # cumsum of ones down the rows
+        x = torch.arange(1, W + 1, dtype=torch.float32, device=device)
+        if self.normalize:
+            y = y / (y[-1] + self.eps) * self.scale
+            x = x / (x[-1] + self.eps) * self.scale
+        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
+        omega = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_pos_feats)  # (F,)
+        pos_y, pos_x = y[:, None] / omega, x[:, None] / omega  # (H, F), (W, F)
+        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (H, F)
+        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (W, F)
+        pos = torch.cat((pos_y[:, None, :].expand(H, W, -1),
+                         pos_x[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
+        return pos.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, d, H, W)
+
+    def forward(self, x):  # x (B, *, H, W): only its size, device and dtype are used
+        H, W = x.shape[-2:]
+        if torch.compiler.is_compiling():  # traced by torch.compile / torch.export: no Python-side cache
+            return self.encode(H, W, x.device).to(x.dtype)
+        key = (H, W, x.device, x.dtype)
+        if key not in self._cache:
+            with torch.inference_mode(False):  # a cached inference tensor would break training later
+                self._cache[key] = self.encode(H, W, x.device).to(x.dtype)
+        return self._cache[key]  # (1, d, H, W); shared, do not modify in place
+
+
+class PositionEmbeddingLearned(nn.Module):
+    """Learned 2D encoding: a row table and a column table of d/2 features each (DETR's option).
+
+    PE(i, j) = [row_embed[i], col_embed[j]] (y first, like the sine one). Sizes up to `max_size`
+    positions per axis (64 covers 576 px at stride 16); beyond that, a clear error.
+    """
+
+    def __init__(self, d_model, max_size=64):
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"d_model={d_model} must be even (d/2 per axis)")
+        self.row_embed = nn.Embedding(max_size, d_model // 2)
+        self.col_embed = nn.Embedding(max_size, d_model // 2)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, x):  # x (B, *, H, W)
+        H, W = x.shape[-2:]
+        limit = self.row_embed.num_embeddings
+        if H > limit or W > limit:
+            raise ValueError(f"feature map {H}x{W} is larger than the learned table ({limit} per axis);"
+                             f" build PositionEmbeddingLearned(d, max_size>={max(H, W)}) or use 'sine'")
+        rows, cols = self.row_embed.weight[:H], self.col_embed.weight[:W]  # (H, d/2), (W, d/2)
+        pos = torch.cat((rows[:, None, :].expand(H, W, -1), cols[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
+        return pos.permute(2, 0, 1).unsqueeze(0).to(x.dtype)  # (1, d, H, W)
+
+
+def build_position_encoding(kind, d_model, **kwargs):
+    """kind "sine" (the paper's, no parameters) or "learned" (2·max_size·d/2 parameters)."""
+    if kind == "sine":
+        return PositionEmbeddingSine(d_model, **kwargs)
+    if kind == "learned":
+        return PositionEmbeddingLearned(d_model, **kwargs)
+    raise ValueError(f"unknown position encoding {kind!r}; expected 'sine' or 'learned'")
+
+
+# ----------------------------------------------------------------------------- helpers: frozen BatchNorm, folding, freezing
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine values: y = (x - mean) / sqrt(var + eps) * w + b.
 
-    Why: with the small per-GPU batches of detection-style training, batch statistics are noisy,
-    so DETR and Query2Label keep ImageNet's statistics. Everything is a buffer (torchvision's
-    names: weight, bias, running_mean, running_var), so nothing gets a gradient and `.train()`
-    changes nothing: it is an affine map, in inference mode forever.
+    Why: small per-GPU batches give noisy batch statistics, so DETR and Query2Label keep ImageNet's.
+    All buffers (torchvision's names): no gradient, `.train()` changes nothing.
     """
 
     def __init__(self, num_features, eps=1e-5):
@@ -62,18 +221,18 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def scale_and_shift(self):  # y = x * scale + shift, both (C,)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x):  # x (B, C, H, W)
-        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
-        shift = self.bias - self.running_mean * scale  # (C,)
+        scale, shift = self.scale_and_shift()
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B, C, H, W)
 
 
 def freeze_batchnorm(module):
     """Replace every BatchNorm2d inside `module` by a frozen copy (in place); returns `module`.
-
-    timm's BatchNormAct2d (a BatchNorm2d with the activation inside, used by EfficientNet and
-    TResNet) becomes timm's own FrozenBatchNormAct2d so that its activation is kept.
-    """
+    timm's BatchNormAct2d (EfficientNet, TResNet) becomes timm's FrozenBatchNormAct2d, keeping its activation."""
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.running_mean is not None:
         if isinstance(module, timm.layers.BatchNormAct2d):
             frozen = timm.layers.FrozenBatchNormAct2d(module.num_features, eps=module.eps)
@@ -92,15 +251,54 @@ def freeze_batchnorm(module):
     return module
 
 
+@torch.no_grad()
+def fold_frozen_batchnorm(module):
+    """Fold every FrozenBatchNorm2d that directly follows a convolution into it (in place); returns
+    the number of pairs folded. Conv then frozen BN is conv(x) * scale + shift, one affine map:
+
+        w' = w · scale (per output channel),   b' = (b - mean) · scale + beta,   scale = gamma / sqrt(var + eps)
+
+    Why: the BN is one more pass over the activation (and one more saved for backward). Pairs as
+    timm's ResNets write them: `convN` + `bnN` siblings (a Sequential stem ends in its conv) and
+    consecutive (Conv2d, FrozenBN) entries of an nn.Sequential (`downsample`). BN -> nn.Identity.
+    Fold AFTER loading weights: the state dict changes (conv biases, no BN buffers). Gradients
+    still reach the convs, but as w' (not w): an optimiser step differs from an unfolded one's.
+    """
+    def conv_of(child):
+        if isinstance(child, nn.Sequential) and len(child):
+            child = child[-1]
+        return child if isinstance(child, nn.Conv2d) else None
+
+    def fold(conv, bn):
+        scale, shift = bn.scale_and_shift()
+        bias = (conv.bias if conv.bias is not None else 0) * scale + shift  # (C_out,)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            match = re.fullmatch(r"bn(\d*)", name)
+            if isinstance(parent, nn.Sequential):
+                conv = conv_of(children[i - 1][1]) if i else None
+            else:
+                conv = conv_of(getattr(parent, f"conv{match.group(1)}", None)) if match else None
+            if type(child) is FrozenBatchNorm2d and conv is not None:
+                fold(conv, child)
+                setattr(parent, name, nn.Identity())
+                folded += 1
+    return folded
+
+
 def freeze_stem_and_first_stage(model):
     """requires_grad=False on the stem and the first stage, as timm's `group_matcher(coarse=True)`
-    (its grouping for layer-wise learning rates) defines them: groups 0 and 1. ResNet: conv1/bn1 +
-    layer1, the official recipe; TResNet body.conv1 + body.layer1; ConvNeXt stem + stages.0;
-    EfficientNet conv_stem/bn1 + blocks.0; Swin patch_embed + layers.0; ViT patch_embed/cls_token/
-    pos_embed + blocks.0. Returns the frozen names."""
+    defines them (groups 0 and 1): ResNet conv1/bn1 + layer1 (the official recipe); ConvNeXt
+    stem + stages.0; EfficientNet conv_stem/bn1 + blocks.0; ViT patch_embed/pos_embed + blocks.0.
+    Returns the frozen names."""
     if not hasattr(model, "group_matcher"):
         raise NotImplementedError(f"{type(model).__name__} has no timm group_matcher; use freeze_stem=False")
-    groups = group_parameters(model, model.group_matcher(coarse=True))  # {group id: [names]}
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))  # {group id: [names]}
     names = [name for group in sorted(groups)[:2] for name in groups[group]]
     frozen = set(names)
     for name, parameter in model.named_parameters():
@@ -109,7 +307,7 @@ def freeze_stem_and_first_stage(model):
     return names
 
 
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- helpers: weights and .pt files
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be fetched (offline, not cached)."""
 
@@ -117,7 +315,7 @@ class WeightsUnavailableError(RuntimeError):
 def create_timm_model(name, pretrained=False, **timm_kwargs):
     """timm model `name` without classifier and pooling (it ends in a feature map); with `pretrained`,
     ImageNet weights from the hub or its cache, else a WeightsUnavailableError that says what to do.
-    `timm_kwargs` go to the model's constructor (e.g. drop_path_rate=0.1, img_size=384)."""
+    `timm_kwargs` go to the model's constructor (e.g. output_stride=16, drop_path_rate=0.1)."""
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; list candidates with timm.list_models('*{name}*')")
     source = timm.models.get_pretrained_cfg(name)
@@ -138,23 +336,18 @@ def create_timm_model(name, pretrained=False, **timm_kwargs):
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         where = f"huggingface.co/{source.hf_hub_id}" if source.hf_hub_id else source.url
         raise WeightsUnavailableError(
-            f"cannot get pretrained weights for {name!r} from {where}: {reason}\n"
-            f"  This machine is probably offline and the weights are not in the hub cache. Either\n"
-            f"  - download them where there is internet (e.g. model.safetensors from {where}) and pass\n"
-            f"    the file: weights='FILE' (--weights FILE on the command line), or\n"
-            f"  - train from scratch: pretrained=False (drop --pretrained; much lower mAP on real data).\n"
-            f"  Tip: HF_HUB_OFFLINE=1 makes the hub fail at once instead of retrying for a minute."
-        ) from None
+            f"cannot get pretrained weights for {name!r} from {where} ({reason}); offline and not cached? "
+            f"Download model.safetensors where there is internet and pass weights='FILE' (--weights FILE), "
+            f"or train from scratch (pretrained=False, drop --pretrained; much lower mAP on real data)") from None
 
 
 def load_weights(model, path, verbose=True):
     """Load a local weights file into `model` (a Backbone or a timm model); returns (missing, unexpected).
-
-    timm's `load_state_dict` reads .pth/.pt (torch.load, weights_only) or .safetensors, unwraps
-    {"state_dict": ...}/{"model": ...} and strips DDP's "module."; we strip "body."-style prefixes.
-    The classifier head's keys (fc.* for ResNets) are unexpected by design: Query2Label replaces it.
-    """
+    timm's `load_state_dict` reads .pth/.pt/.safetensors, unwraps {"state_dict"|"model": ...} and strips
+    "module."; we strip "body."-style prefixes. The ImageNet head's keys (fc.*) are unexpected by design."""
     target = model.body if isinstance(model, Backbone) else model
+    if getattr(model, "folded", 0):  # conv weights of a file are not the folded w' = w * scale
+        raise ValueError(f"weights file {path}: this backbone's BatchNorm is folded; load into an unfolded one, then fold")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (expected one of {WEIGHT_SUFFIXES})")
@@ -223,171 +416,26 @@ def load_torch_file(path, what="checkpoint", trusted=False):
                           f"{reason})") from None
 
 
-# ----------------------------------------------------------------------------- backbone
-class Backbone(nn.Module):
-    """A timm model that maps images (B, 3, S, S) to an unpooled feature map (B, C, H, W).
-
-    CNNs go through `forward_features`. Token models (ViT: prefix tokens + patch tokens;
-    Swin: NHWC output) go through `forward_intermediates(output_fmt="NCHW")`, which drops the
-    prefix tokens, applies the final norm and reshapes the tokens into the H×W patch grid. ViT and
-    Swin are built with `dynamic_img_size=True`, so one model runs at 224, 448 or 576 (input sides
-    must be multiples of `stride` for them). `num_channels` is C, `stride` is S / H. A local
-    `weights` file wins over `pretrained`. `frozen_names` lists what freeze_stem froze.
-    """
-
-    def __init__(self, name="resnet18", pretrained=False, weights=None, frozen_bn=True,
-                 freeze_stem=True, verbose=True, **timm_kwargs):
-        super().__init__()
-        self.name = name
-        self.body = create_timm_model(name, pretrained=pretrained and weights is None, **timm_kwargs)
-        if weights is not None:
-            load_weights(self.body, weights, verbose=verbose)
-            self.weights_source = str(weights)
-        elif pretrained:
-            self.weights_source = f"timm hub ({self.body.pretrained_cfg.get('hf_hub_id') or name})"
-        else:
-            self.weights_source = "none (random init)"
-            if verbose:
-                print(f"!!! backbone {name}: NO pretrained weights, random init. Fine for tests and the"
-                      f" built-in data; for real data use pretrained=True or weights=FILE.")
-        # token models do not end in a plain NCHW map from forward_features
-        self.token_model = (getattr(self.body, "output_fmt", "NCHW") != "NCHW"
-                            or hasattr(self.body, "num_prefix_tokens"))
-        last = self.body.feature_info[-1]
-        self.stride = last["reduction"]
-        self.num_channels = last["num_chs"] if self.token_model else self.body.num_features
-        self.frozen_names = freeze_stem_and_first_stage(self.body) if freeze_stem else []
-        if frozen_bn:
-            freeze_batchnorm(self.body)
-
-    def forward(self, x):  # x (B, 3, S, S)
-        if self.token_model:
-            S_h, S_w = x.shape[-2:]
-            if S_h % self.stride or S_w % self.stride:
-                raise ValueError(f"{self.name} needs input sides divisible by {self.stride}; got {S_h}x{S_w}")
-            return self.body.forward_intermediates(
-                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]  # (B, C, H, W)
-        return self.body.forward_features(x)  # (B, C, H, W)
-
-
-def make_projection(in_channels, d_model, enabled=True):
-    """1×1 convolution C -> d (a per-position linear map), or nn.Identity when disabled.
-
-    Why: the transformer's cost grows with d² per token, and C is large for big backbones
-    (2048 for ResNet-101); a 1×1 conv lets d be chosen freely. The official R101 model runs
-    without it (d = C = 2048), which this function allows only when the numbers agree.
-    """
-    if enabled:
-        return nn.Conv2d(in_channels, d_model, kernel_size=1)
-    if in_channels != d_model:
-        raise ValueError(f"input projection disabled but backbone channels C={in_channels} != d_model={d_model};"
-                         f" enable the projection or set d_model={in_channels}")
-    return nn.Identity()
-
-
-# ----------------------------------------------------------------------------- position encodings
-class PositionEmbeddingSine(nn.Module):
-    """DETR's 2D sine encoding, computed for any H×W and cached per (size, device, dtype).
-
-    With F = d/2 features per axis, k = 0..F-1, y = row index (1..H), x = column index (1..W):
-        y' = y / (H + eps) · scale,  x' = x / (W + eps) · scale          (normalize=True)
-        ω_k = temperature ^ (2·⌊k/2⌋ / F)
-        PE[k]     = sin(y' / ω_k) for even k, cos(y' / ω_k) for odd k    (channels 0..F-1: y)
-        PE[F + k] = the same with x'                                     (channels F..d-1: x)
-    Why: sin/cos pairs at geometric frequencies let attention tell positions apart and compute
-    offsets; normalising to [0, 2π] makes a position mean "fraction of the image", whatever S is.
-    """
-
-    def __init__(self, d_model, temperature=10000, normalize=True, scale=2 * math.pi, eps=1e-6):
-        super().__init__()
-        if d_model % 4:
-            raise ValueError(f"d_model={d_model} must be divisible by 4 (d/2 per axis, in sin/cos pairs)")
-        self.num_pos_feats = d_model // 2
-        self.temperature, self.normalize, self.scale, self.eps = temperature, normalize, scale, eps
-        self._cache = {}
-
-    def encode(self, H, W, device=None):  # -> (1, d, H, W), float32
-        y = torch.arange(1, H + 1, dtype=torch.float32, device=device)  # cumsum of ones down the rows
-        x = torch.arange(1, W + 1, dtype=torch.float32, device=device)
-        if self.normalize:
-            y = y / (y[-1] + self.eps) * self.scale
-            x = x / (x[-1] + self.eps) * self.scale
-        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
-        omega = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_pos_feats)  # (F,)
-        pos_y, pos_x = y[:, None] / omega, x[:, None] / omega  # (H, F), (W, F)
-        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (H, F)
-        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (W, F)
-        pos = torch.cat((pos_y[:, None, :].expand(H, W, -1),
-                         pos_x[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
-        return pos.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, d, H, W)
-
-    def forward(self, x):  # x (B, *, H, W): only its size, device and dtype are used
-        H, W = x.shape[-2:]
-        key = (H, W, x.device, x.dtype)
-        if key not in self._cache:
-            with torch.inference_mode(False):  # a cached inference tensor would break training later
-                self._cache[key] = self.encode(H, W, x.device).to(x.dtype)
-        return self._cache[key]  # (1, d, H, W); shared, do not modify in place
-
-
-class PositionEmbeddingLearned(nn.Module):
-    """Learned 2D encoding: a row table and a column table of d/2 features each (DETR's option).
-
-    PE(i, j) = [row_embed[i], col_embed[j]] (y first, like the sine one). Sizes up to `max_size`
-    positions per axis (64 covers 576 px at stride 16); beyond that, a clear error.
-    """
-
-    def __init__(self, d_model, max_size=64):
-        super().__init__()
-        if d_model % 2:
-            raise ValueError(f"d_model={d_model} must be even (d/2 per axis)")
-        self.row_embed = nn.Embedding(max_size, d_model // 2)
-        self.col_embed = nn.Embedding(max_size, d_model // 2)
-        nn.init.uniform_(self.row_embed.weight)
-        nn.init.uniform_(self.col_embed.weight)
-
-    def forward(self, x):  # x (B, *, H, W)
-        H, W = x.shape[-2:]
-        limit = self.row_embed.num_embeddings
-        if H > limit or W > limit:
-            raise ValueError(f"feature map {H}x{W} is larger than the learned table ({limit} per axis);"
-                             f" build PositionEmbeddingLearned(d, max_size>={max(H, W)}) or use 'sine'")
-        rows, cols = self.row_embed.weight[:H], self.col_embed.weight[:W]  # (H, d/2), (W, d/2)
-        pos = torch.cat((rows[:, None, :].expand(H, W, -1), cols[None, :, :].expand(H, W, -1)), dim=2)  # (H, W, d)
-        return pos.permute(2, 0, 1).unsqueeze(0).to(x.dtype)  # (1, d, H, W)
-
-
-def build_position_encoding(kind, d_model, **kwargs):
-    """kind "sine" (the paper's, no parameters) or "learned" (2·max_size·d/2 parameters)."""
-    if kind == "sine":
-        return PositionEmbeddingSine(d_model, **kwargs)
-    if kind == "learned":
-        return PositionEmbeddingLearned(d_model, **kwargs)
-    raise ValueError(f"unknown position encoding {kind!r}; expected 'sine' or 'learned'")
-
-
+# ----------------------------------------------------------------------------- figure
 def plot_position_encoding(path=FIGURE, d_model=256, side=14):
     """Figure: a few sine channels as images, and cosine similarity of one position to all others."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    torch.manual_seed(0)
-    F, grid = d_model // 2, torch.zeros(1, 1, side, side)
+    F, grid, ref = d_model // 2, torch.zeros(1, 1, side, side), (side // 3, side // 2)
     sine = PositionEmbeddingSine(d_model)(grid)[0]  # (d, H, W)
     channels = [(0, "y, k=0 (sin)"), (1, "y, k=1 (cos)"), (16, "y, k=16 (sin)"), (F + 4, "x, k=4 (sin)")]
-    ref = (side // 3, side // 2)
 
     def similarity(pe):  # pe (d, H, W) -> cosine similarity of every position to `ref`, (H, W)
         flat = nn.functional.normalize(pe.flatten(1), dim=0)  # (d, N)
         return (flat[:, ref[0] * pe.shape[2] + ref[1]] @ flat).view(pe.shape[1:])  # (H, W)
 
+    torch.manual_seed(0)
     maps = [(similarity(sine), f"sine d={d_model}, {side}x{side}"),
             (similarity(PositionEmbeddingSine(2048)(grid)[0]), f"sine d=2048 (official R101), {side}x{side}"),
             (similarity(PositionEmbeddingLearned(d_model)(grid)[0].detach()), "learned, at init"),
             (similarity(PositionEmbeddingSine(d_model)(torch.zeros(1, 1, 18, 18))[0]), "sine, 18x18 (576 px)")]
-    fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
+    fig = Figure(figsize=(13, 6.6), layout="tight")
+    axes = fig.subplots(2, 4)
     for ax, (c, title) in zip(axes[0], channels, strict=True):
         ax.imshow(sine[c], cmap="RdBu", vmin=-1, vmax=1)
         ax.set_title(f"channel {c}: {title}", fontsize=9)
@@ -396,115 +444,38 @@ def plot_position_encoding(path=FIGURE, d_model=256, side=14):
         ax.plot(ref[1], ref[0], "r+", markersize=12)
         ax.set_title(f"{title}\ncos-sim to +: {sim.min():.2f} .. {sim.max():.2f}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    plt.setp(axes, xticks=[], yticks=[])
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle("2D sine position encoding (row 1: channels; row 2: cosine similarity of one position to all)")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     return path
 
 
-def memory_probe(grad):
-    """Run in a fresh process: peak RSS growth of one resnet101 forward at 448 px, batch 1 (Linux)."""
-    import json
-
-    def status(field):  # kB -> MiB
-        return int(next(ln for ln in open("/proc/self/status") if ln.startswith(field)).split()[1]) / 1024
-
-    model, x = Backbone("resnet101", verbose=False).train(grad), torch.randn(1, 3, 448, 448)
-    weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-    saved = {}  # activations autograd keeps for backward, by storage (saved twice counts once)
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark (VmHWM), so only the forward's own peak counts
-    before = status("VmRSS")
-    with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    print(json.dumps(dict(before=before, peak=status("VmHWM"), saved=sum(saved.values()) / 2**20,
-                          weights=sum(weights.values()) / 2**20)))
-
-
-# (backbone, input side, batch): the demo's backbone as 05_train.py's demo preset feeds it, then two
-# small ResNets at the usual ImageNet size.
-BENCHMARK_CASES = (("test_resnet", 64, 32), ("resnet10t", 224, 8), ("resnet18", 224, 8))
-
-
-def benchmark(cases=BENCHMARK_CASES, rounds=5):
-    """Backbone forward images/s (eval, no_grad), NCHW vs channels_last in interleaved rounds; memory."""
-    import json
-    import subprocess
-
-    print(f"CPU, {torch.get_num_threads()} threads, eval, no_grad, median of {rounds} rounds")
-    layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-    for name, S, batch in cases:
-        model, x = Backbone(name, verbose=False).eval(), torch.randn(batch, 3, S, S)
-        rates = {layout: [] for layout in layouts}
-        with torch.no_grad():
-            for r in range(rounds + 1):  # round 0 warms both layouts up
-                for layout, memory_format in layouts.items():
-                    model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
-                    start = time.perf_counter()
-                    model(x)
-                    if r:
-                        rates[layout].append(batch / (time.perf_counter() - start))
-        nchw, last = (sorted(rates[k])[rounds // 2] for k in layouts)
-        print(f"  {name:12s} {S:3d}px batch {batch:2d}: NCHW {nchw:7.1f} img/s   channels_last {last:7.1f} img/s"
-              f"   ratio {last / nchw:.2f}x")
-    if sys.platform != "linux":
-        print("peak memory: needs Linux /proc (VmHWM); skipped")
-        return
-    print("resnet101, 448px, batch 1, one forward in a fresh process; peak RSS growth (VmHWM reset before):")
-    for grad in (False, True):
-        probe = ["--memory-probe", "grad" if grad else "no_grad", "--threads", str(torch.get_num_threads())]
-        out = subprocess.run([sys.executable, __file__, *probe],
-                             capture_output=True, text=True, check=True).stdout
-        m = json.loads(out.strip().splitlines()[-1])
-        print(f"  {'train mode + grad' if grad else 'eval + no_grad   '}: +{m['peak'] - m['before']:4.0f} MiB"
-              f" over {m['before']:.0f} MiB before (weights+buffers {m['weights']:.0f} MiB);"
-              f" activations saved for backward {m['saved']:.0f} MiB")
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     # * what to show
     parser.add_argument("--backbone", nargs="+", default=DEMO_BACKBONES,
-                        help="timm model names to show (default: tiny test models + resnet18/101, random init)")
-    parser.add_argument("--sizes", nargs=2, type=int, default=[224, 448], help="two input sides (default 224 448)")
-    parser.add_argument("--figure", type=Path, default=FIGURE, help=f"position-encoding picture (default {FIGURE})")
+                        help=f"timm model names to show, random init (default: {' '.join(DEMO_BACKBONES)})")
+    parser.add_argument("--sizes", nargs=2, type=int, default=[224, 448], help="two input sides (default: 224 448)")
+    parser.add_argument("--output-stride", type=int, choices=[8, 16, 32], default=None,
+                        help="finer feature grid for ResNet-style models (default: the model's own)")
+    parser.add_argument("--figure", type=Path, default=FIGURE, help=f"position-encoding picture (default: {FIGURE})")
     # * weights
-    parser.add_argument("--pretrained", action="store_true", help="fetch ImageNet weights from the timm hub")
-    parser.add_argument("--weights", default=None, help="local weights file (.pth/.pt/.safetensors) for the backbone")
-    # * measurements
-    parser.add_argument("--benchmark", action="store_true", help="CPU throughput ± channels_last; resnet101 memory")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
-    parser.add_argument("--memory-probe", choices=["no_grad", "grad"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.time()
-    if args.memory_probe or args.benchmark:
-        memory_probe(args.memory_probe == "grad") if args.memory_probe else benchmark()
-        sys.exit()
+    parser.add_argument("--pretrained", action="store_true", help="fetch ImageNet weights from the timm hub (default: off)")
+    parser.add_argument("--weights", default=None, help="local weights file (.pth/.pt/.safetensors) (default: none)")
+    args, start = parser.parse_args(), time.time()
     try:
         for name in args.backbone:
-            model = Backbone(name, args.pretrained, args.weights, verbose=args.weights is not None).eval()
+            model = Backbone(name, args.pretrained, args.weights, verbose=args.weights is not None,
+                             output_stride=args.output_stride).eval()
             with torch.no_grad():
                 shapes = [tuple(model(torch.randn(1, 3, S, S)).shape) for S in args.sizes]
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-            frozen_bn = sum(b.numel() for m in model.modules() for b in m.buffers()
-                            if isinstance(m, (FrozenBatchNorm2d, timm.layers.FrozenBatchNormAct2d)))
             print(f"{name:18s} C={model.num_channels:5d} stride={model.stride:2d} "
                   + "  ".join(f"{S}px->{s}" for S, s in zip(args.sizes, shapes, strict=True))
-                  + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.3f}M"
-                  f" (+{frozen_bn / 1e3:.1f}k frozen-BN buffer values)  weights: {model.weights_source}")
+                  + f"  params trainable {trainable / 1e6:.2f}M frozen {frozen / 1e6:.3f}M  weights: {model.weights_source}")
     except (WeightsUnavailableError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    print(f"wrote {plot_position_encoding(args.figure)}")
-    print(f"done in {time.time() - start:.1f}s")
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(f"wrote {plot_position_encoding(args.figure)}\ndone in {time.time() - start:.1f}s")

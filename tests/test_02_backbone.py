@@ -52,8 +52,16 @@ def test_projection_conv_and_identity(stage02):
     torch.testing.assert_close(proj(x), manual, atol=1e-5, rtol=1e-5)
     same = stage02.make_projection(32, 32, enabled=False)
     assert isinstance(same, nn.Identity) and torch.equal(same(x), x)
+
+
+@pytest.mark.hardening
+def test_errors_name_the_values(stage02):
     with pytest.raises(ValueError, match=r"32.*16|16.*32"):
         stage02.make_projection(32, 16, enabled=False)
+    with pytest.raises(ValueError, match="100"):
+        stage02.build_position_encoding("learned", 16)(torch.zeros(1, 1, 100, 4))
+    with pytest.raises(ValueError, match="cosine"):
+        stage02.build_position_encoding("cosine", 16)
 
 
 SWIN_TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))  # a few hundred k params
@@ -121,13 +129,14 @@ def test_learned_layout_and_limits(stage02):
     torch.testing.assert_close(out[0, :8, 2, 1], pe.row_embed.weight[2], atol=0, rtol=0)
     torch.testing.assert_close(out[0, 8:, 2, 1], pe.col_embed.weight[1], atol=0, rtol=0)
     assert out.requires_grad  # trained with the model
-    with pytest.raises(ValueError, match="100"):
-        pe(torch.zeros(1, 1, 100, 4))
+    with pytest.raises(ValueError):
+        pe(torch.zeros(1, 1, 100, 4))  # beyond the table
     assert isinstance(stage02.build_position_encoding("sine", 16), stage02.PositionEmbeddingSine)
-    with pytest.raises(ValueError, match="cosine"):
+    with pytest.raises(ValueError):
         stage02.build_position_encoding("cosine", 16)
 
 
+@pytest.mark.hardening
 def test_token_model_rejects_size_not_multiple_of_patch(stage02):
     model = stage02.Backbone("test_vit", verbose=False)
     with pytest.raises(ValueError, match="16"):
@@ -213,6 +222,7 @@ def test_weights_file_round_trip(stage02, tmp_path, suffix, capsys):
     assert missing == [] and sorted(unexpected) == ["fc.bias", "fc.weight"]
 
 
+@pytest.mark.hardening
 def test_weights_file_errors_name_the_file(stage02, tmp_path):
     model = stage02.Backbone("test_resnet", verbose=False)
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
@@ -227,6 +237,7 @@ def test_weights_file_errors_name_the_file(stage02, tmp_path):
         stage02.load_weights(model, other)
 
 
+@pytest.mark.hardening
 def test_offline_hub_gives_a_clear_message(stage02, monkeypatch):
     """What the hub client raises offline (here simulated) becomes one message with the way out."""
     import timm.models._builder
@@ -243,6 +254,7 @@ def test_offline_hub_gives_a_clear_message(stage02, monkeypatch):
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no hub traceback chained
 
 
+@pytest.mark.hardening
 def test_offline_message_from_the_command_line(stage02, tmp_path):
     """A real offline hub (HF_HUB_OFFLINE=1, empty cache): the user sees a message, not a traceback."""
     import os
@@ -257,8 +269,8 @@ def test_offline_message_from_the_command_line(stage02, tmp_path):
     assert "--weights" in result.stderr and "test_resnet" in result.stderr
 
 
-def test_torchvision_resnet_file_loads_with_the_same_names(stage02, tmp_path):
-    """A torchvision ResNet checkpoint (the official Query2Label backbone) loads key for key."""
+def torchvision_resnet18_file(tmp_path):
+    """(torchvision ResNet-18 with non-trivial BN statistics, the file it was saved to)."""
     import torchvision
 
     torch.manual_seed(0)
@@ -268,6 +280,12 @@ def test_torchvision_resnet_file_loads_with_the_same_names(stage02, tmp_path):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
     path = tmp_path / "torchvision_resnet18.pth"
     torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_torchvision_resnet_file_loads_with_the_same_names(stage02, tmp_path):
+    """A torchvision ResNet checkpoint (the official Query2Label backbone) loads key for key."""
+    reference, path = torchvision_resnet18_file(tmp_path)
     model = stage02.Backbone("resnet18", weights=path, verbose=False).eval()
     missing, unexpected = stage02.load_weights(model, path, verbose=False)
     assert missing == [] and sorted(unexpected) == ["fc.bias", "fc.weight"]
@@ -275,6 +293,95 @@ def test_torchvision_resnet_file_loads_with_the_same_names(stage02, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), features(x), atol=1e-4, rtol=1e-4)
+
+
+# * finer feature grid -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output_stride, grid", [(None, 2), (16, 4), (8, 8)])
+def test_output_stride_gives_a_finer_grid_with_the_same_parameters(stage02, output_stride, grid):
+    torch.manual_seed(0)
+    model = stage02.Backbone("test_resnet", verbose=False, output_stride=output_stride).eval()
+    with torch.no_grad():
+        features = model(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, model.num_channels, grid, grid) and model.stride == 64 // grid
+    reference = stage02.Backbone("test_resnet", verbose=False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_output_stride_refused_where_the_model_cannot_dilate(stage02):
+    with pytest.raises(ValueError):
+        stage02.Backbone("test_vit", verbose=False, output_stride=8)
+
+
+# * frozen BatchNorm folded into the convolutions --------------------------------------------------
+
+def randomise_frozen_bn(model, stage02):
+    """Statistics and affine values far from the identity, so that folding has something to do."""
+    for m in model.modules():
+        if isinstance(m, stage02.FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name, pairs", [("test_resnet", 15), ("resnet18", 20)])
+def test_folding_keeps_the_output_and_removes_every_frozen_bn(stage02, name, pairs):
+    torch.manual_seed(0)
+    model = randomise_frozen_bn(stage02.Backbone(name, verbose=False), stage02).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert stage02.fold_frozen_batchnorm(model.body) == pairs
+        folded = model(x)
+    assert not any(isinstance(m, stage02.FrozenBatchNorm2d) for m in model.modules())
+    scale = expected.abs().max().item()  # float32 rounding grows with the activations' size
+    torch.testing.assert_close(folded, expected, atol=1e-5 * max(1.0, scale), rtol=1e-5)
+
+
+def test_folding_is_exact_in_float64(stage02):
+    torch.manual_seed(0)
+    model = randomise_frozen_bn(stage02.Backbone("test_resnet", verbose=False), stage02).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        stage02.fold_frozen_batchnorm(model.body)
+        torch.testing.assert_close(model(x), expected, atol=1e-10, rtol=0)
+
+
+def test_folded_convolutions_still_train(stage02):
+    """Gradients reach the folded convolutions: dL/dw = dL/dw' * scale, since w' = w * scale."""
+    import copy
+
+    torch.manual_seed(0)
+    model = randomise_frozen_bn(stage02.Backbone("test_resnet", verbose=False), stage02).train()
+    folded = copy.deepcopy(model)
+    assert stage02.fold_frozen_batchnorm(folded.body) == 15
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    folded(x).square().mean().backward()
+    scale, _ = model.body.layer2[0].bn1.scale_and_shift()
+    conv, conv_folded = model.body.layer2[0].conv1, folded.body.layer2[0].conv1  # trainable
+    assert conv_folded.bias.grad.abs().sum() > 0
+    torch.testing.assert_close(conv_folded.weight.grad * scale.view(-1, 1, 1, 1), conv.weight.grad,
+                               atol=1e-6, rtol=1e-4)
+    stem = folded.body.conv1[0]
+    assert not stem.weight.requires_grad and stem.weight.grad is None  # frozen stays frozen
+    assert stage02.Backbone("test_resnet", verbose=False, fold_bn=True).folded == 15
+
+
+def test_fold_after_loading_a_torchvision_file(stage02, tmp_path):
+    """Official and torchvision files name BN buffers: they load into the unfolded model, then fold."""
+    reference, path = torchvision_resnet18_file(tmp_path)
+    model = stage02.Backbone("resnet18", weights=path, verbose=False, fold_bn=True).eval()
+    features = nn.Sequential(*list(reference.children())[:-2])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), features(x), atol=1e-4, rtol=1e-4)
+    assert not any(k.endswith("running_var") for k in model.state_dict())
+    with pytest.raises(ValueError):  # a file's conv weights are not the folded ones
+        stage02.load_weights(model, path)
+    with pytest.raises(ValueError):
+        stage02.Backbone("test_resnet", verbose=False, frozen_bn=False, fold_bn=True)
 
 
 @pytest.mark.gpu

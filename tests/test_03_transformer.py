@@ -9,7 +9,6 @@ Dropout is 0 wherever outputs are compared. Learner mode: Q2L_STAGE_03=my_file.p
 
 import dataclasses
 import math
-from pathlib import Path
 
 import conftest
 import pytest
@@ -19,9 +18,6 @@ from torch import nn
 F64 = dict(atol=1e-10, rtol=0)
 F32 = dict(atol=1e-5, rtol=0)
 D, HEADS = 32, 4
-# The official implementation's state-dict layout (SlongLiu/query2labels) for a ResNet-18, d 512,
-# feed-forward 1024, 1 encoder + 2 decoder layers, 80 classes: names, shapes, dtypes, kinds.
-OFFICIAL_KEYS_FILE = Path(__file__).parent / "data" / "official_q2l_r18_keys.txt"
 
 def torch_to_ours(state):
     """nn.MultiheadAttention's packed in_proj -> q_proj / k_proj / v_proj (the test's own copy)."""
@@ -176,6 +172,7 @@ def test_load_from_and_copy_to_torch(stage03):
                        ref.in_proj_bias)
 
 
+@pytest.mark.hardening
 def test_bad_head_count_is_a_clear_error(stage03):
     with pytest.raises(ValueError, match="30.*4|4.*30"):
         stage03.MultiHeadAttention(30, 4)
@@ -345,6 +342,28 @@ def test_query2label_head_is_the_explicit_per_class_loop(stage03, tiny_model):
         torch.testing.assert_close(logits[:, k], expected, atol=1e-5, rtol=0)
 
 
+def test_finer_grid_gives_finer_attention_maps(stage03):
+    """output_stride 8: a 64 px image gives 8 x 8 feature cells, position encodings and attention maps."""
+    torch.manual_seed(0)
+    model = stage03.Query2Label(tiny_config(stage03, backbone="test_resnet", output_stride=8)).eval()
+    with torch.no_grad():
+        logits, attention = model(torch.randn(2, 3, 64, 64), return_attention=True)
+    assert logits.shape == (2, 7) and attention.shape == (2, 7, 8, 8)
+    torch.testing.assert_close(attention.sum((2, 3)), torch.ones(2, 7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["post-norm", "pre-norm"])
+def test_forward_picks_the_equation_of_its_norm_placement(stage03, pre):
+    torch.manual_seed(0)
+    enc = stage03.TransformerEncoderLayer(D, HEADS, 64, 0.0, normalize_before=pre).double()
+    dec = stage03.TransformerDecoderLayer(D, HEADS, 64, 0.0, normalize_before=pre, self_attention=True).double()
+    x, tgt = torch.randn(2, 9, D, dtype=torch.float64), torch.randn(2, 4, D, dtype=torch.float64)
+    chosen, other = ("forward_pre", "forward_post") if pre else ("forward_post", "forward_pre")
+    assert torch.equal(enc(x), getattr(enc, chosen)(x))
+    assert torch.equal(dec(tgt, x)[0], getattr(dec, chosen)(tgt, x)[0])
+    assert not torch.allclose(enc(x), getattr(enc, other)(x))  # the two equations do differ
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_cuda_kernels_under_autocast_match_float32(stage03, dtype):
@@ -360,6 +379,7 @@ def test_fused_cuda_kernels_under_autocast_match_float32(stage03, dtype):
     torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 7, device="cuda"), atol=1e-4, rtol=0)
 
 
+@pytest.mark.hardening
 def test_query2label_rejects_wrong_image_shape(stage03, tiny_model):
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
         tiny_model(torch.randn(3, 64, 64))
@@ -374,96 +394,6 @@ def test_presets(stage03):
     demo = stage03.PRESETS["demo"]
     assert 128 <= demo.d_model <= 256 and demo.input_proj
     assert dataclasses.asdict(dataclasses.replace(demo, num_classes=3))["num_classes"] == 3
-
-
-# * official checkpoints ---------------------------------------------------------------------------
-
-def official_r18_config(stage03):
-    return dataclasses.replace(stage03.PRESETS["official_r101"], num_classes=80, backbone="resnet18",
-                               pretrained=False, d_model=512, dim_feedforward=1024)
-
-
-def to_official_layout(state):
-    """Our state dict written out in the official layout, by hand from its naming rules."""
-    official = {}
-    for key, value in state.items():
-        if key.startswith("backbone.body."):
-            official["backbone.0.body." + key[len("backbone.body."):]] = value
-        else:
-            official[key] = value
-    official = ours_to_torch(official)
-    official["backbone.1.pe"] = torch.zeros(1, 512, 7, 7)  # a fixed-size buffer we recompute
-    return official
-
-
-@pytest.fixture(scope="module")
-def r18_pair(stage03):
-    torch.manual_seed(0)
-    source = stage03.Query2Label(official_r18_config(stage03)).eval()
-    with torch.no_grad():  # make every tensor distinct from a fresh model's
-        for p in source.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    official = to_official_layout(source.state_dict())
-    return source, official
-
-
-def test_official_layout_matches_the_key_list(r18_pair):
-    _, official = r18_pair
-    shapes = {k: tuple(v.shape) for k, v in official.items()}
-    listed = {}
-    for line in OFFICIAL_KEYS_FILE.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, shape = line.split("\t")[:2]
-            listed[name] = tuple(int(s) for s in shape.split("x"))
-    assert len(listed) == 142 and sum(k.startswith("backbone.0.body.") for k in listed) == 100
-    assert shapes == listed
-
-
-def test_converter_round_trip_gives_identical_outputs(stage03, r18_pair, tmp_path):
-    source, official = r18_pair
-    path = tmp_path / "official.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in official.items()}, "epoch": 3}, path)
-    torch.manual_seed(1)
-    target = stage03.Query2Label(official_r18_config(stage03)).eval()
-    report = stage03.load_official_checkpoint(target, path)
-    assert report["missing"] == [] and report["unexpected"] == [] and report["unplaced"] == []
-    assert report["dropped"] == ["module.backbone.1.pe"]
-    images = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.equal(target(images), source(images))
-    converted, _ = stage03.convert_official_state_dict({"model": official})
-    assert set(converted) == set(source.state_dict())
-
-
-def test_converter_reports_missing_and_unplaced_keys(stage03, r18_pair, tmp_path):
-    _, official = r18_pair
-    broken = dict(official)
-    del broken["fc.b"]
-    broken["class_head.weight"] = torch.zeros(3)
-    path = tmp_path / "broken.pth"
-    torch.save(broken, path)
-    model = stage03.Query2Label(official_r18_config(stage03))
-    with pytest.raises(ValueError, match=r"(?s)class_head\.weight.*fc\.b|fc\.b.*class_head\.weight"):
-        stage03.load_official_checkpoint(model, path)
-    report = stage03.load_official_checkpoint(model, path, strict=False)
-    assert report["missing"] == ["fc.b"] and report["unplaced"] == ["class_head.weight"]
-    assert torch.equal(model.fc.W, official["fc.W"])  # the rest was loaded
-
-
-def test_converter_refuses_wrong_shapes_and_loads_nothing(stage03, r18_pair, tmp_path):
-    _, official = r18_pair
-    wrong = dict(official, **{"query_embed.weight": torch.zeros(81, 512)})
-    path = tmp_path / "wrong.pth"
-    torch.save(wrong, path)
-    model = stage03.Query2Label(official_r18_config(stage03))
-    before = model.fc.W.clone()
-    with pytest.raises(ValueError, match=r"query_embed\.weight.*81, 512"):
-        stage03.load_official_checkpoint(model, path)
-    assert torch.equal(model.fc.W, before)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        stage03.load_official_checkpoint(model, tmp_path / "nope.pth")
-    with pytest.raises(ValueError, match="own checkpoints"):
-        stage03.convert_official_state_dict({"format": "q2l-checkpoint-v1", "model": model.state_dict()})
 
 
 # * learner mode -------------------------------------------------------------------------------------
