@@ -122,6 +122,8 @@ class CocoMultiLabel(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index):
+        if index >= len(self):  # iteration (`for x in dataset`) stops here
+            raise IndexError(f"index {index} out of range for {len(self)} images")
         image, target = self._load(index)
         if self.transform is None:
             return image, target

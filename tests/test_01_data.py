@@ -557,3 +557,9 @@ def test_learner_mode_end_to_end(tmp_path):
     assert "half_done.py does not define `CutMix` yet" in half
     assert bad_code == 1 and "1 failed, 1 passed" in bad, bad
     assert "test_labels_match_hand_written_annotations" in bad and "assert_close" in bad
+
+
+def test_iterating_a_dataset_stops_at_its_end(stage01, tiny_coco):
+    """Python iterates a Dataset by index until IndexError; substituting past the end would never stop."""
+    dataset = stage01.CocoMultiLabel(tiny_coco["val_images"], tiny_coco["val_ann"])
+    assert sum(1 for _ in dataset) == len(dataset)
