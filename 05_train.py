@@ -1,44 +1,38 @@
-"""Stage 5: the training job. Trains Query2Label with ASL, AMP, EMA, exact resume, TensorBoard, DDP.
+"""Stage 5: the training job. Query2Label with ASL, AMP, EMA, exact resume, TensorBoard and DDP.
 
-    python 05_train.py                      # built-in dataset (generated on first use), demo preset
-    python 05_train.py --epochs 40          # COCO 2014 when it is under data/coco (the official R101 recipe)
-    python 05_train.py --resume auto        # continue the run in runs/<name>/ exactly where it stopped
-    torchrun --nproc_per_node=4 05_train.py # DistributedDataParallel, one process per GPU
-    python 05_train.py --benchmark          # training images/s on synthetic tensors vs data pipeline images/s
+    python 05_train.py                           # built-in dataset (made on first use), demo preset
+    python 05_train.py --epochs 40               # COCO 2014 under data/coco: the official R101 recipe
+    python 05_train.py --resume auto             # continue runs/<name>/last.pt exactly where it stopped
+    python 05_train.py --init-from runs/demo/best.pt --epochs 5 --name demo-more   # new run from weights
+    python 05_train.py --config runs/demo/config.json                            # that run's settings
+    torchrun --nproc_per_node=4 05_train.py      # DistributedDataParallel, one process per GPU
 
-Paper: Section 3.3 and 4.1 (training details). The recipe of the official code for ResNet-101 at 448 px
-is the "coco" preset below; the "demo" preset trains a small model from scratch on the built-in dataset
-in a few minutes on a laptop CPU. Every value is printed at start, saved to runs/<name>/config.json,
-and can be overridden flag by flag (`--help` lists them).
+Paper: Sections 3.3 and 4.1 (training). Read like DETR's main.py + engine.py: the configuration (one
+dataclass whose fields are the flags; presets), `train_one_epoch`, `run`, then plumbing and the command line.
 
-What a run writes to runs/<name>/: last.pt (every epoch, and every --save-every-steps steps),
-best.pt (best validation mAP, raw or EMA weights, whichever is better), config.json, history.jsonl
-(one line per epoch), train.log, curves.png and TensorBoard event files (`tensorboard --logdir runs`).
+    each step:   logits = model(images) (B, K); loss = ASL(logits, targets) (stage 4, float32 under autocast)
+                 backward; clip; AdamW step; one-cycle LR step
+                 ema = d * ema + (1 - d) * weights,  d = min(decay, (1 + n) / (10 + n)) after n updates
+    each epoch:  mAP of raw and EMA weights (stage 6); best.pt = the better; last.pt = the whole state
 
-Checkpoints hold state dicts only (loaded with `weights_only=True`) and are written atomically: a kill
-during a save leaves the previous file intact. last.pt holds everything needed to continue bit-exactly
-(model, EMA, optimiser, scheduler, scaler, epoch and step, best metric, every RNG, the data position and
-the arguments): on the CPU with --deterministic, a run killed with SIGKILL and resumed ends with the
-same weights as one that was never interrupted (tests/test_05_train.py checks it).
+Settings: defaults < preset < --config FILE < flags. A run writes runs/<name>/: last.pt (each epoch and
+every --save-every-steps steps: all a bit-exact continuation needs), best.pt (weights only), config.json,
+history.jsonl, train.log, curves.png, TensorBoard files. State dicts only, written atomically.
 
 Deviations from the official code (github.com/SlongLiu/query2labels), each on purpose:
-- Resume restores the whole training state, not only the weights; saving cannot crash on a missing
-  attribute (its issues #31, #38, #40); last.pt is written every epoch, not just the best model.
-- The EMA decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that the EMA is
-  useful in short runs; with decay 0.9997 it reaches the official value after ~33k steps.
-- Validation reports scikit-learn's (non-interpolated) AP and the official VOC interpolated AP side
-  by side, plus CF1/OF1 (stage 6); "best" is chosen by the former.
+- Resume restores the whole training state, not only the weights (its issues #31, #38, #40).
+- The EMA (timm's ModelEmaV3: parameters and buffers) gets a warm-up decay, min(decay, (1 + n)/(10 + n)),
+  so that it is useful in short runs; with 0.9997 it reaches the official decay after ~33k steps.
+- Validation reports scikit-learn's AP (which picks "best") and the official VOC AP side by side.
 - A non-finite loss skips the update and is reported; repeated ones stop the run.
-
-Import note: this stage imports 06_eval for its metrics, the one import in this project that
-points forwards: the metrics are taught in stage 6, and 06 never imports 05, so there is no cycle.
-
-Next: 06_eval.py scores a checkpoint, predicts labels for images and draws attention maps.
+- Under DDP, validation scores rank 0's weights and buffers (BatchNorm statistics differ per process):
+  the ones saved, so the logged mAP is what re-evaluating the checkpoint gives.
+Import note: 06_eval (metrics, checkpoints) is the one forward import; 06 never imports 05.
+Next: 06_eval.py scores a checkpoint, predicts labels and draws attention maps.
 """
 
 import argparse
-import copy
-import dataclasses
+import difflib
 import importlib
 import json
 import os
@@ -48,414 +42,132 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 data = importlib.import_module("01_data")  # module names may not start with a digit
+backbone = importlib.import_module("02_backbone")
 transformer = importlib.import_module("03_transformer")
 losses = importlib.import_module("04_loss")
-evaluation = importlib.import_module("06_eval")  # metrics, predict_scores, amp_dtype_for; see "Import note"
-
-CHECKPOINT_FORMAT = "q2l-checkpoint-v1"
-
-# Training presets. "coco" is the official ResNet-101 recipe at 448 px (REFERENCES.md); "demo" is sized
-# for a from-scratch run on a 2-core CPU. The model architecture comes from stage 3's presets.
-PRESETS = {
-    "coco": dict(
-        model="official_r101", pretrained=True, img_size=448, epochs=80, early_stop=8,
-        batch_size=64, lr=1e-4, backbone_lr=1e-4, weight_decay=1e-2, warmup_pct=0.2, grad_clip=0.0,
-        ema_decay=0.9997, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
-        loss_reduction="q2l", randaugment=True, cutout=True, hflip=False, cutmix=0.0, workers=8,
-    ),
-    # From scratch, the backbone needs a higher learning rate than the transformer, which turns
-    # unstable above ~2e-3 (measured: see docs/05_train.md); augmentation would only slow a
-    # short run down.
-    "demo": dict(
-        model="demo", pretrained=False, img_size=64, epochs=9, early_stop=0,
-        batch_size=32, lr=1e-3, backbone_lr=4e-3, weight_decay=1e-2, warmup_pct=0.2, grad_clip=1.0,
-        ema_decay=0.995, loss="asl", gamma_neg=2.0, gamma_pos=0.0, clip=0.0, loss_eps=1e-5,
-        loss_reduction="q2l", randaugment=False, cutout=False, hflip=True, cutmix=0.0, workers=0,
-    ),
-}
-# Values that no preset sets. A flag left unset takes the preset's value, else this one.
-DEFAULTS = dict(
-    preset="auto", data_root="data/coco", synthetic_root="data/synthetic", train_images=None,
-    train_ann=None, val_images=None, val_ann=None, drop_empty=False, strict=False, backbone=None,
-    weights=None, d_model=None, heads=None, ff=None, enc_layers=None, dec_layers=None, dropout=None,
-    cutmix_alpha=1.0, seed=0, deterministic=False, amp="auto", channels_last=None, compile=False,
-    device=None, name=None, out_dir="runs", resume=None, save_every_steps=0, max_nonfinite=3,
-    benchmark=False, benchmark_steps=10,
-)
-# Flags a resumed run may change; anything else must match the checkpoint (else the run is not a
-# continuation of the one that was stopped, and we say so instead of silently mixing two recipes).
-RESUME_OVERRIDABLE = {"workers", "resume", "save_every_steps", "compile", "max_nonfinite", "device"}
+evaluation = importlib.import_module("06_eval")  # see "Import note"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train Query2Label. Unset flags take the preset's value (printed at start).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
+def flag(default, group, help, choices=None, check=None, type=None):
+    """A TrainConfig field that is also the flag --name-with-dashes."""
+    return field(default=default, metadata=dict(group=group, help=help, choices=choices, check=check, type=type))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the defaults are the official R101 recipe (the "coco" preset). Model fields
+    left at None take the --model preset's value (03_transformer.PRESETS)."""
+
     # * data
-    p.add_argument("--preset", choices=["auto", "coco", "demo"], default=None,
-                   help="recipe; auto = 'coco' for COCO or your own dataset, 'demo' for the built-in one")
-    p.add_argument("--data-root", help="COCO 2014 root (train2014/, val2014/, annotations/); default data/coco")
-    p.add_argument("--synthetic-root", help="where the built-in dataset lives; default data/synthetic")
-    p.add_argument("--train-images", help="your own dataset: folder of training images")
-    p.add_argument("--train-ann", help="your own dataset: COCO-format instances JSON for training")
-    p.add_argument("--val-images", help="your own dataset: folder of validation images")
-    p.add_argument("--val-ann", help="your own dataset: COCO-format instances JSON for validation")
-    p.add_argument("--drop-empty", **bool_flag, help="drop images without annotations (ASL repo) "
-                   "instead of keeping them as all-negative (Query2Label); default keep")
-    p.add_argument("--strict", **bool_flag, help="fail on a corrupt image instead of replacing it")
-    p.add_argument("--img-size", type=int, help="square input size in pixels")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes per GPU/process")
+    preset: str = flag("auto", "data", "recipe; auto = demo on the built-in set, else coco", ("auto", "coco", "demo"))
+    data_root: str = flag("data/coco", "data", "COCO 2014 root: train2014/, val2014/, annotations/")
+    synthetic_root: str = flag("data/synthetic", "data", "the built-in dataset (made there on first use)")
+    train_images: str = flag("", "data", "your own dataset: folder of training images")
+    train_ann: str = flag("", "data", "your own dataset: COCO-format instances JSON for training")
+    val_images: str = flag("", "data", "your own dataset: folder of validation images")
+    val_ann: str = flag("", "data", "your own dataset: COCO-format instances JSON for validation")
+    drop_empty: bool = flag(False, "data", "drop images without annotations (ASL) instead of all-negative (Q2L)")
+    strict: bool = flag(False, "data", "a missing or mislabelled image is an error, not skipped and reported")
+    img_size: int = flag(448, "data", "square input side in pixels", check="> 0")
+    workers: int = flag(8, "data", "DataLoader worker processes per process", check=">= 0")
     # * model
-    p.add_argument("--model", help="architecture preset from 03_transformer.PRESETS")
-    p.add_argument("--backbone", help="any timm model name, e.g. resnet101, tresnet_l, convnext_tiny")
-    p.add_argument("--pretrained", **bool_flag, help="load ImageNet weights from the timm hub")
-    p.add_argument("--weights", help="backbone weights from a local .pth/.pt/.safetensors file (offline)")
-    p.add_argument("--d-model", type=int, help="transformer width d")
-    p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--ff", type=int, help="feed-forward width")
-    p.add_argument("--enc-layers", type=int, help="encoder layers")
-    p.add_argument("--dec-layers", type=int, help="decoder layers")
-    p.add_argument("--dropout", type=float, help="dropout in the transformer")
+    model: str = flag("official_r101", "model", "architecture preset", tuple(transformer.PRESETS))
+    backbone: str = flag(None, "model", "any timm model name, e.g. resnet101, convnext_tiny", type=str)
+    pretrained: bool = flag(None, "model", "ImageNet weights from the timm hub", type=bool)
+    weights: str = flag("", "model", "backbone weights from a local .pth/.pt/.safetensors file (offline)")
+    d_model: int = flag(None, "model", "transformer width d", check="> 0", type=int)
+    num_heads: int = flag(None, "model", "attention heads", check="> 0", type=int)
+    dim_feedforward: int = flag(None, "model", "feed-forward width", check="> 0", type=int)
+    enc_layers: int = flag(None, "model", "encoder layers", check=">= 0", type=int)
+    dec_layers: int = flag(None, "model", "decoder layers", check="> 0", type=int)
+    dropout: float = flag(None, "model", "dropout in the transformer", check="in [0, 1)", type=float)
     # * optimisation
-    p.add_argument("--epochs", type=int, help="epochs; the one-cycle schedule spans exactly these")
-    p.add_argument("--batch-size", type=int, help="images per step per process")
-    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (AdamW)")
-    p.add_argument("--backbone-lr", type=float, help="peak learning rate of the backbone (DETR's lr_backbone)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (on all parameters, as official)")
-    p.add_argument("--warmup-pct", type=float, help="fraction of steps spent warming up (OneCycleLR pct_start)")
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
-    p.add_argument("--early-stop", type=int, help="stop after this many epochs without a better mAP; 0 = off")
-    p.add_argument("--seed", type=int, help="seed for weights, data order, augmentation; default 0")
-    p.add_argument("--deterministic", **bool_flag, help="deterministic algorithms (bit-exact resume)")
-    # * loss
-    p.add_argument("--loss", choices=["asl", "bce"], help="asymmetric loss, or plain BCE to compare")
-    p.add_argument("--gamma-neg", type=float, help="ASL focusing exponent for negatives")
-    p.add_argument("--gamma-pos", type=float, help="ASL focusing exponent for positives")
-    p.add_argument("--clip", type=float, help="ASL probability shift m for negatives")
-    p.add_argument("--loss-eps", type=float, help="ASL eps (see 04_loss.py)")
-    p.add_argument("--loss-reduction", choices=["sum", "mean", "q2l"], help="see 04_loss.py")
+    epochs: int = flag(80, "optimisation", "epochs; the one-cycle schedule spans exactly these", check="> 0")
+    batch_size: int = flag(64, "optimisation", "images per step per process", check="> 0")
+    lr: float = flag(1e-4, "optimisation", "peak learning rate of transformer and head (AdamW)", check="> 0")
+    backbone_lr: float = flag(1e-4, "optimisation", "peak learning rate of the backbone", check="> 0")
+    weight_decay: float = flag(1e-2, "optimisation", "AdamW weight decay, on every parameter", check=">= 0")
+    warmup_pct: float = flag(0.2, "optimisation", "share of the steps spent warming up", check="in [0, 1]")
+    grad_clip: float = flag(0.0, "optimisation", "clip the gradient norm to this; 0 = off", check=">= 0")
+    early_stop: int = flag(8, "optimisation", "stop after this many epochs without better mAP; 0 = off", check=">= 0")
+    ema_decay: float = flag(0.9997, "optimisation", "EMA decay of the weights; 0 = no EMA", check="in [0, 1)")
+    loss: str = flag("asl", "optimisation", "asymmetric loss, or plain BCE to compare", ("asl", "bce"))
+    gamma_neg: float = flag(2.0, "optimisation", "ASL focusing exponent of negatives", check=">= 0")
+    gamma_pos: float = flag(0.0, "optimisation", "ASL focusing exponent of positives", check=">= 0")
+    clip: float = flag(0.0, "optimisation", "ASL probability shift m of negatives", check="in [0, 1)")
+    loss_eps: float = flag(1e-5, "optimisation", "ASL eps (04_loss.py)", check=">= 0")
+    loss_reduction: str = flag("q2l", "optimisation", "q2l = sum/(B*K)*1000 (official)", ("q2l", "sum", "mean"))
+    seed: int = flag(0, "optimisation", "seed of weights, data order and augmentation", check=">= 0")
     # * augmentation
-    p.add_argument("--randaugment", **bool_flag, help="RandAugment on training images")
-    p.add_argument("--cutout", **bool_flag, help="Cutout on training images")
-    p.add_argument("--hflip", **bool_flag, help="random horizontal flips")
-    p.add_argument("--cutmix", type=float, help="probability of multi-label CutMix per batch; 0 = off")
-    p.add_argument("--cutmix-alpha", type=float, help="CutMix box ~ Beta(alpha, alpha); default 1")
-    # * precision and speed
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision; auto = bf16 on CUDA that supports it, else fp16 on CUDA, off on CPU")
-    p.add_argument("--channels-last", **bool_flag, help="NHWC memory format for the convolutions; default on")
-    p.add_argument("--compile", **bool_flag, help="torch.compile the model (slow start, faster steps)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu; default cuda when available")
-    # * checkpoints and logging
-    p.add_argument("--name", help="run name: outputs go to <out-dir>/<name>/; default the preset's name")
-    p.add_argument("--out-dir", help="folder for runs; default runs")
-    p.add_argument("--resume", help="last.pt of a stopped run, or 'auto' for <out-dir>/<name>/last.pt")
-    p.add_argument("--save-every-steps", type=int, help="also write last.pt every N steps; 0 = per epoch only")
-    p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row")
-    p.add_argument("--benchmark", **bool_flag, help="measure training and data images/s, then exit")
-    p.add_argument("--benchmark-steps", type=int, help="timed steps for --benchmark")
-    return p.parse_args(argv)
+    randaugment: bool = flag(True, "augmentation", "RandAugment on training images")
+    cutout: bool = flag(True, "augmentation", "Cutout on training images")
+    hflip: bool = flag(False, "augmentation", "random horizontal flips")
+    cutmix: float = flag(0.0, "augmentation", "probability of multi-label CutMix per batch", check="in [0, 1]")
+    cutmix_alpha: float = flag(1.0, "augmentation", "CutMix box ~ Beta(alpha, alpha)", check="> 0")
+    # * speed
+    amp: str = flag("auto", "speed", "auto = bf16 (else fp16) on CUDA, off on the CPU", ("auto", "bf16", "fp16", "off"))
+    channels_last: bool = flag(True, "speed", "NHWC memory format for the convolutions")
+    compile: bool = flag(False, "speed", "torch.compile the model (slow start, faster steps)")
+    deterministic: bool = flag(False, "speed", "deterministic algorithms (bit-exact resume)")
+    device: str = flag("auto", "speed", "cpu, cuda or cuda:N; auto = cuda when available")
+    # * run
+    name: str = flag("", "run", "outputs go to <out-dir>/<name>/ (none = the preset's name)")
+    out_dir: str = flag("runs", "run", "folder of the runs")
+    resume: str = flag("", "run", "continue a run: its last.pt, or auto = <out-dir>/<name>/last.pt")
+    init_from: str = flag("", "run", "start a NEW run (new schedule) from this checkpoint's weights")
+    init_ema: bool = flag(False, "run", "with --init-from: take the checkpoint's EMA weights (last.pt)")
+    save_every_steps: int = flag(0, "run", "also write last.pt every N steps; 0 = each epoch only", check=">= 0")
+    max_nonfinite: int = flag(3, "run", "stop after this many non-finite losses in a row", check="> 0")
 
 
-def resolve_config(args, spec, resumed=None):
-    """Every setting with its value, from (in order) the flag, the checkpoint, the preset, DEFAULTS."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if resumed is not None:
-        saved = resumed["args"]
-        clash = {k: (saved.get(k), v) for k, v in given.items()
-                 if k not in RESUME_OVERRIDABLE and saved.get(k) != v}
-        if clash:
-            lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in clash.items())
-            raise SystemExit(f"error: --resume continues a run with its own settings, and these differ:\n{lines}\n"
-                             "Drop them to continue that run, or start a new run with another --name.")
-        return {**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}}
-    preset = given.get("preset", "auto")
-    if preset == "auto":
-        preset = "demo" if spec.kind == "synthetic" else "coco"
-    config = {**DEFAULTS, **PRESETS[preset], **given, "preset": preset}
-    config["name"] = config["name"] or preset
-    return config
+MODEL_FIELDS = ("backbone", "pretrained", "d_model", "num_heads", "dim_feedforward", "enc_layers", "dec_layers",
+                "dropout")  # named as in 03_transformer.Q2LConfig
+PRESETS = {
+    "coco": replace(TrainConfig(), preset="coco"),  # the official ResNet-101 recipe at 448 px (REFERENCES.md)
+    # From scratch on a 2-core CPU in minutes: the backbone needs a higher learning rate than the transformer,
+    # which turns unstable above ~2e-3 (docs/05_train.md); augmentation only slows a short run down.
+    "demo": replace(TrainConfig(), preset="demo", model="demo", img_size=64, epochs=9, early_stop=0, batch_size=32,
+                    lr=1e-3, backbone_lr=4e-3, grad_clip=1.0, ema_decay=0.995, randaugment=False, cutout=False,
+                    hflip=True, workers=0),
+}
+# A resumed run may change these; any other flag must match the checkpoint, or the run would be neither run.
+RESUME_OVERRIDABLE = {"workers", "resume", "save_every_steps", "compile", "max_nonfinite", "device", "name", "out_dir"}
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1}
 
 
-# ----------------------------------------------------------------------------- distributed set-up
+# ----------------------------------------------------------------------------- the step
 
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device_flag):
-    """One process per device. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain run is world 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if device_flag:
-        try:
-            device = torch.device(device_flag)
-        except RuntimeError:
-            raise SystemExit(f"error: --device {device_flag!r} is not a device; use cpu, cuda or cuda:N") from None
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {device_flag} asked for CUDA, but PyTorch sees no CUDA device here")
-        if device.index is None:  # plain "cuda": this process's GPU under torchrun, else the first
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
-
-
-def barrier(d):
-    if d.world > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- pieces of the recipe
-
-def build_model_config(config, num_classes):
-    if config["model"] not in transformer.PRESETS:
-        raise SystemExit(f"error: --model {config['model']!r} is not a preset; choose one of "
-                         f"{sorted(transformer.PRESETS)} (03_transformer.PRESETS)")
-    cfg = dataclasses.replace(transformer.PRESETS[config["model"]], num_classes=num_classes)
-    overrides = dict(backbone=config["backbone"], pretrained=config["pretrained"], weights=config["weights"],
-                     d_model=config["d_model"], num_heads=config["heads"], dim_feedforward=config["ff"],
-                     enc_layers=config["enc_layers"], dec_layers=config["dec_layers"], dropout=config["dropout"])
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def build_loss(config):
-    if config["loss"] == "bce":
-        # eps 0: the plain BCE of the formula, with no cap on a confidently wrong prediction's loss
-        return losses.AsymmetricLoss(gamma_neg=0.0, gamma_pos=0.0, clip=0.0, eps=0.0,
-                                     reduction=config["loss_reduction"])
-    return losses.AsymmetricLoss(gamma_neg=config["gamma_neg"], gamma_pos=config["gamma_pos"],
-                                 clip=config["clip"], eps=config["loss_eps"], detach_focal_weight=True,
-                                 reduction=config["loss_reduction"])
-
-
-class ModelEMA:
-    """Exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights.
-
-    Buffers that are not floating point (counters) are copied. The decay warms up (see Deviations)."""
-
-    def __init__(self, model, decay):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.updates = decay, 0
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema, now = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], 1.0 - decay)
-        for k, v in ema.items():
-            if not v.dtype.is_floating_point:
-                v.copy_(now[k])
-
-    def state_dict(self):
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state["module"])
-        self.updates = state["updates"]
-
-
-def rng_state():
-    np_state = np.random.get_state(legacy=False)
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"bit_generator": np_state["bit_generator"], "pos": np_state["state"]["pos"],
-                      "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                      "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SystemExit(f"error: {path} is not a checkpoint written by 05_train.py (no '{CHECKPOINT_FORMAT}')")
-    return ckpt
-
-
-def find_resume(resume, out_dir, name=None):
-    """'auto' = runs/<name>/last.pt with --name, else the most recently written runs/*/last.pt."""
-    if resume != "auto":
-        return Path(resume)
-    pattern = f"{name}/last.pt" if name else "*/last.pt"
-    candidates = sorted(Path(out_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"error: --resume auto found no {out_dir}/{pattern} to continue")
-    return candidates[-1]
-
-
-def fresh_run_dir(out_dir, name):
-    """runs/<name>, or runs/<name>-2, -3, ... so that a second run never overwrites a first."""
-    run_dir, n = Path(out_dir) / name, 1
-    while (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
-        n += 1
-        run_dir = Path(out_dir) / f"{name}-{n}"
-    return run_dir
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step and write last.pt; a second
-    Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, {}
-
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing last.pt "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Log:
-    """Prints on rank 0, appends to train.log, and writes TensorBoard scalars."""
-
-    def __init__(self, d, run_dir):
-        self.main, self.file, self.writer = d.main, None, None
-        if self.main:
-            from torch.utils.tensorboard import (
-                SummaryWriter,  # imported here: tensorboard is slow to import
-            )
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(run_dir / "train.log", "a")
-            self.writer = SummaryWriter(str(run_dir))
-
-    def __call__(self, message):
-        if self.main:
-            tqdm.write(message)
-            self.file.write(message + "\n")
-            self.file.flush()
-
-    def scalars(self, values, step):
-        if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-
-    def close(self):
-        if self.main:
-            self.writer.close()
-            self.file.close()
-
-
-# ----------------------------------------------------------------------------- validation
-
-def validate(model, loader, d, amp_dtype, channels_last, class_names, desc):
-    """Scores every validation image exactly once across all processes, then computes the metrics."""
-    indices = np.asarray(list(loader.sampler), dtype=np.int64)  # dataset index of each row
-    if len(indices):
-        scores, targets = evaluation.predict_scores(model, loader, d.device, amp_dtype, channels_last, desc, d.main)
-    else:  # more processes than validation images: this one has nothing to score
-        K = len(class_names)
-        scores, targets = np.zeros((0, K), np.float32), np.zeros((0, K), np.float32)
-    if d.world > 1:
-        parts = [None] * d.world
-        dist.all_gather_object(parts, (indices, scores, targets))
-        indices = np.concatenate([p[0] for p in parts])
-        scores = np.concatenate([p[1] for p in parts])
-        targets = np.concatenate([p[2] for p in parts])
-    n = len(loader.dataset)
-    if len(indices) != n or not np.array_equal(np.sort(indices), np.arange(n)):
-        raise RuntimeError(f"validation scored {len(indices)} rows for {n} images "
-                           f"({len(np.unique(indices))} distinct): the eval sampler must cover each image once")
-    order = np.argsort(indices)
-    scores, targets = scores[order], targets[order]
-    ap = evaluation.mean_average_precision(scores, targets, class_names=class_names)
-    voc = evaluation.mean_average_precision(scores, targets, interpolated=True, class_names=class_names)
-    at_threshold = evaluation.threshold_metrics(scores, targets, threshold=0.5)
-    top3 = evaluation.threshold_metrics(scores, targets, threshold=0.5, top_k=3)
-    return {"mAP": float(ap["mAP"]), "mAP_voc": float(voc["mAP"]), "excluded": list(map(str, ap["excluded"])),
-            "CF1": float(at_threshold["CF1"]), "OF1": float(at_threshold["OF1"]),
-            "CF1_top3": float(top3["CF1"]), "OF1_top3": float(top3["OF1"]), "images_scored": int(len(indices)),
-            "scores": scores, "targets": targets}
-
-
-# ----------------------------------------------------------------------------- the training loop
-
-def train_one_epoch(state, ctx, stop):
-    """One epoch from state["step_in_epoch"]; returns "done", "stopped" (signal) or "nonfinite"."""
-    model, optimizer, scheduler, scaler = ctx["model"], ctx["optimizer"], ctx["scheduler"], ctx["scaler"]
-    d, config, loader, log = ctx["dist"], ctx["config"], ctx["train_loader"], ctx["log"]
-    memory_format = torch.channels_last if ctx["channels_last"] else torch.contiguous_format
-    amp_dtype, params = ctx["amp_dtype"], [p for p in model.parameters() if p.requires_grad]
-    loader.sampler.set_epoch(state["epoch"])
-    loader.sampler.set_start_batch(state["step_in_epoch"])
+def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, ema, progress, stop, config, d, log,
+                    amp_dtype=None, cutmix=None, cutmix_rng=None, save=None):
+    """One epoch from progress.step_in_epoch; returns "done", "stopped" (a signal) or "nonfinite"."""
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader.sampler.set_epoch(progress.epoch)
+    loader.sampler.set_start_batch(progress.step_in_epoch)
     model.train()
-    bar = tqdm(total=len(loader), initial=state["step_in_epoch"], desc=f"epoch {state['epoch'] + 1}/{config['epochs']}",
-               disable=not d.main, dynamic_ncols=True, leave=False)
-    seen_at, images_seen = time.perf_counter(), 0
+    bar = tqdm(total=len(loader), initial=progress.step_in_epoch, disable=not d.main, leave=False,
+               desc=f"epoch {progress.epoch + 1}/{config.epochs}")
+    started, seen = time.perf_counter(), 0
     for images, targets in loader:
-        images = images.to(d.device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(d.device, non_blocking=True)
-        if ctx["cutmix"] is not None:
-            images, targets = ctx["cutmix"](images, targets, generator=ctx["cutmix_rng"])
+        images = images.to(d.device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
+        targets = targets.to(d.device, non_blocking=True)  # (B, K)
+        if cutmix is not None:
+            images, targets = cutmix(images, targets, generator=cutmix_rng)
         with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = ctx["criterion"](logits, targets)  # computed in float32 by stage 4 even under autocast
+            logits = model(images)  # (B, K)
+        loss = criterion(logits, targets)  # float32 (stage 4), even under autocast
         # All processes must agree to skip a step (else DDP's gradient all-reduce would hang) and to stop.
         flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)], device=d.device)
         if d.world > 1:
@@ -464,48 +176,323 @@ def train_one_epoch(state, ctx, stop):
         if not nonfinite:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"] or float("inf"))
-            # With fp16 the scaler itself skips steps with inf gradients while it calibrates its scale.
-            nonfinite = not scaler.is_enabled() and not torch.isfinite(grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+            nonfinite = not scaler.is_enabled() and not torch.isfinite(grad_norm)  # fp16: the scaler skips
             if not nonfinite:
                 scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped step is deliberate here, PyTorch's warning is not for us
+        with warnings.catch_warnings():  # a skipped step is deliberate; PyTorch's warning is not for us
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()  # also on a skipped step, so the schedule still ends at the last epoch
-        state["global_step"] += 1
-        state["step_in_epoch"] += 1
+            scheduler.step()  # on a skipped step too, so that the schedule ends at the last epoch
+        progress.global_step, progress.step_in_epoch = progress.global_step + 1, progress.step_in_epoch + 1
+        progress.nonfinite_in_a_row = progress.nonfinite_in_a_row + 1 if nonfinite else 0
         if nonfinite:
-            state["nonfinite_in_a_row"] += 1
-            state["nonfinite_total"] += 1
-            log(f"warning: non-finite loss or gradient at epoch {state['epoch'] + 1} step {state['global_step']} "
-                f"(loss {loss.item()}); update skipped ({state['nonfinite_in_a_row']} in a row)")
-            if state["nonfinite_in_a_row"] >= config["max_nonfinite"]:
-                bar.close()
+            progress.nonfinite_total += 1
+            log(f"warning: non-finite loss or gradient at epoch {progress.epoch + 1} step {progress.global_step} "
+                f"(loss {loss.item()}); update skipped ({progress.nonfinite_in_a_row} in a row)")
+            if progress.nonfinite_in_a_row >= config.max_nonfinite:
                 return "nonfinite"
         else:
-            state["nonfinite_in_a_row"] = 0
-            ctx["ema"] and ctx["ema"].update(unwrap(model))
-            state["loss_sum"] += loss.item()
-            state["loss_count"] += 1
-        images_seen += images.shape[0] * d.world
+            if ema is not None:
+                n = progress.ema_updates = progress.ema_updates + 1
+                ema.apply_update_(unwrap(model), min(config.ema_decay, (1 + n) / (10 + n)))
+            progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
+            log.scalars({"train/loss_step": loss.item()}, progress.global_step)
+        seen += images.shape[0] * d.world
         bar.update(1)
-        if d.main and (state["step_in_epoch"] % 10 == 0 or state["step_in_epoch"] == len(loader)):
-            rate = images_seen / (time.perf_counter() - seen_at)
-            lr = scheduler.get_last_lr()[1]  # the transformer's (--lr); the backbone's is scaled alike
-            bar.set_postfix(loss=f"{state['loss_sum'] / max(state['loss_count'], 1):.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{rate:.0f}")
-            ctx["log"].scalars({"train/loss": loss.item(), "train/lr": lr, "train/images_per_s": rate},
-                               state["global_step"])
+        bar.set_postfix(loss=f"{progress.loss_sum / max(progress.loss_count, 1):.4f}", refresh=False)
         if stopping:
-            bar.close()
             return "stopped"
-        if config["save_every_steps"] and state["global_step"] % config["save_every_steps"] == 0:
-            save_last(state, ctx)
+        if config.save_every_steps and progress.global_step % config.save_every_steps == 0:
+            save()
     bar.close()
-    state["images_per_s"] = images_seen / max(time.perf_counter() - seen_at, 1e-9)
+    progress.images_per_s = seen / max(time.perf_counter() - started, 1e-9)
     return "done"
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Progress:
+    """Where a run is; saved in last.pt, so that a resumed run continues from exactly here."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_map: float = -1.0
+    best_source: str = ""  # "raw" or "ema": which weights best.pt holds
+    best_epoch: int = -1
+    epochs_without_better: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    ema_updates: int = 0
+    images_per_s: float = 0.0
+    history: list = field(default_factory=list)  # one record per epoch, as in history.jsonl
+
+
+@dataclass
+class Run:
+    """What a run trains with, built by `setup` (the folder comes when training starts)."""
+
+    config: TrainConfig
+    d: "Dist"
+    model: torch.nn.Module  # what trains: possibly compiled, possibly wrapped in DDP
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    amp_dtype: torch.dtype | None
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    cutmix: object
+    cutmix_rng: torch.Generator
+    model_config: object
+    class_names: list
+    data_info: dict  # what 06_eval needs to re-evaluate a checkpoint
+    log: "Log"
+    run_dir: Path = None
+
+
+def run(r, progress):
+    """Epochs until the last, an early stop, a signal or repeated non-finite losses; returns a summary."""
+    config, log, started, outcome = r.config, r.log, time.perf_counter(), "done"
+    with StopRequest() as stop:
+        while progress.epoch < config.epochs:
+            epoch_started = time.perf_counter()
+            outcome = train_one_epoch(r.model, r.criterion, r.train_loader, r.optimizer, r.scheduler, r.scaler,
+                                      r.ema, progress, stop, config, r.d, log, r.amp_dtype, r.cutmix, r.cutmix_rng,
+                                      save=lambda: save_last(r, progress))
+            if outcome == "nonfinite":
+                log(f"error: {config.max_nonfinite} non-finite losses in a row; stopping. last.pt keeps the last "
+                    "good state. Try a lower --lr, --grad-clip 1, or --amp bf16/off.")
+                break
+            if outcome == "stopped":
+                save_last(r, progress)
+                break
+            end_of_epoch(r, progress, time.perf_counter() - epoch_started)
+            if config.early_stop and progress.epochs_without_better >= config.early_stop:
+                log(f"early stop: no better mAP for {config.early_stop} epochs")
+                break
+    best = (f"best.pt: mAP {progress.best_map:.2f} ({progress.best_source} weights, epoch {progress.best_epoch + 1})"
+            if (r.run_dir / "best.pt").exists() else "no best.pt (no epoch finished)")
+    seconds = time.perf_counter() - started
+    if outcome == "stopped":
+        log(f"stopped by {signal.Signals(stop.signum).name} at epoch {progress.epoch + 1}, step {progress.global_step}"
+            f"; last.pt written; {best}. Continue with: python 05_train.py --resume {r.run_dir / 'last.pt'}")
+    else:
+        if progress.history and r.d.main:
+            write_curves(progress.history, r.run_dir / "curves.png")
+            log.hparams(asdict(config), {"hparam/best_mAP": progress.best_map, "hparam/epochs": progress.epoch})
+        log(f"finished ({outcome}) in {seconds:.0f} s; {best}; last.pt in {r.run_dir}")
+    return {"outcome": outcome, "run_dir": str(r.run_dir), "epochs": progress.epoch, "best_map": progress.best_map,
+            "best_source": progress.best_source, "nonfinite_total": progress.nonfinite_total, "seconds": seconds,
+            "history": progress.history, "signal": stop.signum}
+
+
+def end_of_epoch(r, progress, seconds):
+    """Validate raw and EMA weights; best.pt (the better, if better than before); last.pt; then the logs."""
+    common = (r.val_loader, r.d, r.amp_dtype, r.config.channels_last, r.class_names)
+    raw = validate(r.model.module if r.d.world > 1 else r.model, *common, desc="val (raw)")  # not through DDP
+    ema = validate(r.ema.module, *common, desc="val (EMA)") if r.ema else None
+    better, source = (ema, "ema") if ema and ema["mAP"] > raw["mAP"] else (raw, "raw")
+    record = {"epoch": progress.epoch + 1, "step": progress.global_step,
+              "train_loss": progress.loss_sum / max(progress.loss_count, 1), "lr": r.scheduler.get_last_lr()[1],
+              "mAP_raw": raw["mAP"], "mAP_ema": ema and ema["mAP"], "source": source,
+              **{k: better[k] for k in ("mAP_voc", "CF1", "OF1", "CF1_top3", "OF1_top3", "images_scored")},
+              "bad_images": r.train_loader.dataset.bad_count, "bad_val_images": r.val_loader.dataset.bad_count,
+              "images_per_s": progress.images_per_s, "seconds": seconds}  # bad_*: files so far (this process's)
+    improved = better["mAP"] > progress.best_map
+    if improved:
+        progress.best_map, progress.best_source, progress.best_epoch = better["mAP"], source, progress.epoch
+    progress.epochs_without_better = 0 if improved else progress.epochs_without_better + 1
+    progress.history.append(record)
+    progress.epoch, progress.step_in_epoch, progress.loss_sum, progress.loss_count = progress.epoch + 1, 0, 0.0, 0
+    if improved and r.d.main:
+        weights = r.ema.module if source == "ema" else unwrap(r.model)
+        save_atomic({**checkpoint_common(r, progress), "model": weights.state_dict(), "weights_source": source,
+                     "ema": None, "metrics": {k: v for k, v in better.items() if k not in ("scores", "targets")}},
+                    r.run_dir / "best.pt")
+    save_last(r, progress)
+    if r.d.main:  # only now: a kill before this epoch's last.pt redoes the epoch, which is then logged once
+        with open(r.run_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        r.log(epoch_line(record, r.config.epochs) + (" *best*" if improved else ""))
+        r.log.epoch_scalars(record, raw, ema, better, r.scheduler.get_last_lr(), r.class_names, progress.global_step)
+
+
+@torch.no_grad()
+def validate(model, loader, d, amp_dtype, channels_last, class_names, desc):
+    """Every validation image scored exactly once across processes, with rank 0's weights and buffers (the
+    saved ones); stage 6's metrics. A process without images still takes part, so that none waits."""
+    for tensor in model.state_dict().values() if d.world > 1 else ():
+        dist.broadcast(tensor, src=0)
+    rows = list(loader.sampler)  # the dataset index of each row this process scores
+    scores, targets = (evaluation.predict_scores(model, loader, d.device, amp_dtype, channels_last, desc, d.main)
+                       if rows else (torch.zeros(0, len(class_names)).numpy(),) * 2)
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (rows, scores, targets))
+        rows, scores, targets = sum((p[0] for p in parts), []), *(torch.cat([torch.from_numpy(p[i]) for p in parts])
+                                                                  .numpy() for i in (1, 2))
+    if sorted(rows) != list(range(len(loader.dataset))):
+        raise RuntimeError(f"validation scored {len(rows)} rows for {len(loader.dataset)} images: the evaluation "
+                           "sampler must give each image to exactly one process")
+    order = sorted(range(len(rows)), key=rows.__getitem__)
+    scores, targets = scores[order], targets[order]  # an unreadable image has unknown (-1) targets: left out
+    m = evaluation.score_dataset(scores, targets, class_names)
+    return {"mAP": float(m["ap"]["mAP"]), "mAP_voc": float(m["voc"]["mAP"]), "CF1": float(m["at_threshold"]["CF1"]),
+            "OF1": float(m["at_threshold"]["OF1"]), "CF1_top3": float(m["top_k"]["CF1"]),
+            "OF1_top3": float(m["top_k"]["OF1"]), "images_scored": int((targets >= 0).any(1).sum()), "scores": scores, "targets": targets}
+
+
+def epoch_line(h, epochs):
+    ema = f", EMA {h['mAP_ema']:.2f}" if h["mAP_ema"] is not None else ""
+    return (f"epoch {h['epoch']}/{epochs}: loss {h['train_loss']:.4f}, mAP raw {h['mAP_raw']:.2f}{ema} -> "
+            f"{h['source']} is better; VOC mAP {h['mAP_voc']:.2f}, CF1 {h['CF1']:.1f}, OF1 {h['OF1']:.1f}; "
+            f"{h['seconds']:.0f} s" + (f"; unreadable images so far: {h['bad_images']} training (replaced), "
+                                       f"{h['bad_val_images']} validation (left out)" if h["bad_images"]
+                                       or h["bad_val_images"] else ""))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup(config, spec, d, log=print):
+    """Data, model, EMA, optimiser, schedule, scaler and loss of a run: everything but its folder."""
+    augment = dict(randaugment=config.randaugment, cutout=config.cutout, hflip=config.hflip)
+    sets = [data.CocoMultiLabel(images, ann, data.build_transforms(config.img_size, train=train, **kw),
+                                drop_empty=config.drop_empty, strict=config.strict, seed=config.seed,
+                                substitute=train)  # validation never scores a stand-in for an unreadable image
+            for images, ann, train, kw in ((spec.train_images, spec.train_ann, True, augment),
+                                           (spec.val_images, spec.val_ann, False, {}))]
+    if sets[0].class_names != sets[1].class_names:
+        raise data.DataError(f"{spec.train_ann} and {spec.val_ann} define different categories; give both splits "
+                             "one label set")
+    for dataset in sets:
+        log(dataset.summary())
+    kw = dict(workers=config.workers, distributed=d.world > 1, seed=config.seed, pin_memory=d.device.type == "cuda")
+    train_loader, val_loader = (data.build_loader(s, config.batch_size, train=t, **kw)
+                                for s, t in zip(sets, (True, False), strict=True))
+    if len(train_loader) == 0:
+        fail(f"--batch-size {config.batch_size}: {len(sets[0])} training images make less than one batch per "
+             f"process ({d.world} processes); lower --batch-size")
+    model_config = replace(transformer.PRESETS[config.model], num_classes=len(sets[0].class_names),
+                           weights=config.weights or None, **{k: getattr(config, k) for k in MODEL_FIELDS})
+    try:
+        model = transformer.Query2Label(model_config).to(d.device)
+    except backbone.WeightsUnavailableError:
+        fail(f"cannot get ImageNet weights for {config.backbone!r} (pretrained {config.pretrained}: offline and not "
+             f"in the hub cache?): pass --weights FILE (a local copy) or --no-pretrained (from scratch)")
+    except (ValueError, NotImplementedError, FileNotFoundError) as error:  # unknown backbone, bad width, ...
+        fail(f"cannot build the model: {str(error).splitlines()[0]}")
+    if config.channels_last:  # NHWC: faster convolutions on CUDA (tensor cores), and measured so on the CPU
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": config.backbone_lr},
+              {"params": [p for n, p in trainable if not n.startswith("backbone.")], "lr": config.lr}]
+    # fused: one kernel for all parameters (demo model on the CPU: 1.4-1.6 ms per step instead of 5.0-5.7)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                    pct_start=config.warmup_pct,
+                                                    total_steps=config.epochs * len(train_loader))
+    amp_dtype = evaluation.amp_dtype_for(config.amp, d.device)  # bf16 needs no loss scaling, fp16 does
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
+    net = torch.compile(model) if config.compile else model
+    if d.world > 1:
+        net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    asl = dict(gamma_neg=config.gamma_neg, gamma_pos=config.gamma_pos, clip=config.clip, eps=config.loss_eps)
+    bce = dict(gamma_neg=0.0, gamma_pos=0.0, clip=0.0, eps=0.0)  # eps 0: the plain BCE of the formula
+    criterion = losses.AsymmetricLoss(**(bce if config.loss == "bce" else asl), reduction=config.loss_reduction)
+    cutmix = data.CutMix(config.cutmix_alpha, config.cutmix) if config.cutmix > 0 else None
+    data_info = {"kind": spec.kind, "val_images": str(Path(spec.val_images).resolve()), "img_size": config.img_size,
+                 "val_ann": str(Path(spec.val_ann).resolve()), "drop_empty": config.drop_empty,
+                 "val_ann_fingerprint": data.file_fingerprint(spec.val_ann)}
+    n_train, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or a) for a in (False, True))
+    log(f"model: {model_config.backbone}, d {model_config.d_model}, {n_train / 1e6:.2f}M trainable of "
+        f"{n_all / 1e6:.2f}M parameters")
+    return Run(config, d, net, ema, optimizer, scheduler, scaler, criterion, amp_dtype, train_loader, val_loader,
+               cutmix, torch.Generator().manual_seed(config.seed * 1000 + d.rank), model_config,
+               list(sets[0].class_names), data_info, log)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_common(r, progress):
+    return {"format": evaluation.CHECKPOINT_FORMAT, "model_config": asdict(r.model_config),
+            "class_names": r.class_names, "config": asdict(r.config), "data": r.data_info, "epoch": progress.epoch,
+            "step": progress.global_step, "best_map": progress.best_map, "best_source": progress.best_source,
+            "best_epoch": progress.best_epoch}
+
+
+def save_last(r, progress):
+    """Everything needed to continue bit-exactly. Collective: every process calls it."""
+    rngs = [None] * r.d.world  # each process has its own dropout stream
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    dist.all_gather_object(rngs, rng) if r.d.world > 1 else rngs.__setitem__(0, rng)
+    if r.d.main:
+        save_atomic({**checkpoint_common(r, progress), "model": unwrap(r.model).state_dict(), "weights_source": "raw",
+                     "ema": r.ema.module.state_dict() if r.ema else None, "optimizer": r.optimizer.state_dict(),
+                     "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(), "rng": rngs,
+                     "cutmix_rng": r.cutmix_rng.get_state(), "world_size": r.d.world, "progress": asdict(progress)},
+                    r.run_dir / "last.pt")
+    if r.d.world > 1:
+        dist.barrier()
+
+
+def restore(r, ckpt):
+    """last.pt's state into a freshly built run; returns its Progress."""
+    unwrap(r.model).load_state_dict(ckpt["model"])
+    if r.ema is not None:
+        r.ema.module.load_state_dict(ckpt["ema"])
+    for part in ("optimizer", "scheduler", "scaler"):
+        getattr(r, part).load_state_dict(ckpt[part])
+    r.cutmix_rng.set_state(ckpt["cutmix_rng"])
+    same = ckpt["world_size"] == r.d.world
+    if not same:
+        r.log(f"note: last.pt was written by {ckpt['world_size']} processes, this run has {r.d.world}: it "
+              "continues, but not bit-exactly")
+    rng = ckpt["rng"][r.d.rank if same else 0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return Progress(**ckpt["progress"])
+
+
+def save_atomic(obj, path):
+    """Write a temporary file, flush it to disk, rename: a crash leaves the previous file intact. Ctrl-C and
+    SIGTERM arriving meanwhile are held until the file is complete, then delivered."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_held():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def signals_held():
+    held, previous = [], {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        previous = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in held:
+            signal.raise_signal(s)
 
 
 def unwrap(model):
@@ -513,338 +500,358 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile wraps the module too
 
 
-def checkpoint_common(state, ctx):
-    return {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(ctx["model_config"]),
-            "class_names": ctx["class_names"], "data": ctx["data_info"], "args": ctx["config"],
-            "epoch": state["epoch"], "step": state["global_step"], "best_map": state["best_map"],
-            "best_source": state["best_source"], "best_epoch": state["best_epoch"]}
+# ----------------------------------------------------------------------------- processes, signals, logs
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    main = property(lambda self: self.rank == 0)
 
 
-def save_last(state, ctx):
-    """Everything needed to continue bit-exactly. Collective: every process calls it."""
-    d = ctx["dist"]
-    rng = rng_state()
-    if d.world > 1:  # each process has its own dropout/augmentation RNG stream
-        all_rng = [None] * d.world
-        dist.all_gather_object(all_rng, rng)
-    else:
-        all_rng = [rng]
-    if d.main:
-        ema = ctx["ema"]
-        save_atomic({**checkpoint_common(state, ctx), "model": unwrap(ctx["model"]).state_dict(),
-                     "weights_source": "raw", "ema": ema.state_dict() if ema else None,
-                     "optimizer": ctx["optimizer"].state_dict(), "scheduler": ctx["scheduler"].state_dict(),
-                     "scaler": ctx["scaler"].state_dict(), "cutmix_rng": ctx["cutmix_rng"].get_state(),
-                     "rng": all_rng, "world_size": d.world, "state": dict(state)}, ctx["run_dir"] / "last.pt")
-    barrier(d)
+def setup_distributed(device="auto"):
+    """One process per device. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is world 1."""
+    world, rank, local = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {device} asked for CUDA, but PyTorch sees no CUDA device here; use --device cpu")
+        device = torch.device("cuda", local) if device.index is None else device  # this process's GPU
+        if device.index >= torch.cuda.device_count():
+            fail(f"--device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, max(world, 1), device)
 
 
-def restore(ckpt, ctx):
-    d = ctx["dist"]
-    unwrap(ctx["model"]).load_state_dict(ckpt["model"])
-    if ctx["ema"] is not None:
-        ctx["ema"].load_state_dict(ckpt["ema"])
-    ctx["optimizer"].load_state_dict(ckpt["optimizer"])
-    ctx["scheduler"].load_state_dict(ckpt["scheduler"])
-    ctx["scaler"].load_state_dict(ckpt["scaler"])
-    ctx["cutmix_rng"].set_state(ckpt["cutmix_rng"])
-    if ckpt["world_size"] == d.world:
-        set_rng_state(ckpt["rng"][d.rank])
-    else:
-        ctx["log"](f"note: checkpoint was written by {ckpt['world_size']} processes, this run has {d.world}: "
-                   "training continues, but not bit-exactly")
-        set_rng_state(ckpt["rng"][0])
-    return dict(ckpt["state"])
+class StopRequest:
+    """Ctrl-C / SIGTERM: stop after this step and write last.pt; a second Ctrl-C stops at once (not inside a
+    checkpoint write: save_atomic holds it until the file is complete)."""
+
+    def __init__(self):
+        self.requested, self.signum, self.previous = False, None, {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, self.signum or signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing last.pt (Ctrl-C again to "
+              "stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Log:
+    """Prints on rank 0; keeps the lines until the run folder exists, then train.log; TensorBoard there too."""
+
+    def __init__(self, d):
+        self.main, self.lines, self.file, self.writer = d.main, [], None, None
+
+    def open(self, run_dir):
+        if self.main:
+            # slow to import: only once a run starts
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.file, self.writer = open(run_dir / "train.log", "a"), SummaryWriter(str(run_dir))
+            self.file.write("".join(line + "\n" for line in self.lines))
+
+    def __call__(self, message):
+        if self.main:
+            tqdm.write(message)
+            self.file.write(message + "\n") if self.file else self.lines.append(message)
+            self.file and self.file.flush()
+
+    def scalars(self, values, step):
+        for tag, value in values.items() if self.writer else ():
+            self.writer.add_scalar(tag, value, step)
+
+    def epoch_scalars(self, record, raw, ema, better, lrs, class_names, step):
+        """val/* of the chosen weights, raw and EMA side by side; each LR group; one PR curve per class."""
+        values = {"train/loss": record["train_loss"], "train/images_per_s": record["images_per_s"],
+                  "train/lr_backbone": lrs[0], "train/lr_transformer": lrs[1]}
+        for suffix, m in (("", better), ("_raw", raw), ("_ema", ema)):
+            values.update({f"val/{k}{suffix}": m[k] for k in ("mAP", "mAP_voc", "CF1", "OF1")} if m else {})
+        self.scalars(values, step)
+        for k, name in enumerate(class_names):
+            self.writer.add_pr_curve(f"pr/{name}", better["targets"][:, k] > 0, better["scores"][:, k], step)
+
+    def hparams(self, config, metrics):
+        self.writer.add_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))},
+                                metrics, run_name=".")
+
+    def close(self):
+        if self.file:
+            self.writer.close()
+            self.file.close()
 
 
 def write_curves(history, path):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig = Figure(figsize=(9, 3.4), layout="tight")
+    ax1, ax2 = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
     ax1.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax2.plot(epochs, [h["mAP_raw"] for h in history], marker="o", label="raw weights")
-    if history[0].get("mAP_ema") is not None:
+    if history[0]["mAP_ema"] is not None:
         ax2.plot(epochs, [h["mAP_ema"] for h in history], marker="s", label="EMA weights")
     ax2.set(xlabel="epoch", ylabel="validation mAP (%)", title="validation mAP")
     ax2.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------- configuration
 
-def benchmark(ctx):
-    """Training images/s on synthetic tensors (the model's speed) vs the data pipeline's images/s."""
-    d, config, model = ctx["dist"], ctx["config"], ctx["model"]
-    B, S, K = config["batch_size"], config["img_size"], len(ctx["class_names"])
-    memory_format = torch.channels_last if ctx["channels_last"] else torch.contiguous_format
-    images = torch.randn(B, 3, S, S, device=d.device).contiguous(memory_format=memory_format)
-    targets = (torch.rand(B, K, device=d.device) < 0.05).float()
-    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
-    model.train()
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        with torch.autocast(d.device.type, dtype=ctx["amp_dtype"] or torch.float32,
-                            enabled=ctx["amp_dtype"] is not None):
-            loss = ctx["criterion"](model(images), targets)
-        ctx["scaler"].scale(loss).backward()
-        ctx["scaler"].step(ctx["optimizer"])
-        ctx["scaler"].update()
-        ctx["optimizer"].zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator, torch.compile
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in tqdm(range(config["benchmark_steps"]), desc="model steps", disable=not d.main, leave=False):
-        step()
-    sync()
-    model_rate = B * config["benchmark_steps"] / (time.perf_counter() - start)
-    loader, n_batches = ctx["train_loader"], min(len(ctx["train_loader"]), max(config["benchmark_steps"], 20))
-    loader.sampler.set_epoch(0)
-    loader.sampler.set_start_batch(0)
-    it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    start = time.perf_counter()
-    for _ in tqdm(range(n_batches - 1), desc="data batches", disable=not d.main, leave=False):
-        next(it)
-    data_rate = B * (n_batches - 1) / (time.perf_counter() - start)
-    del it
-    result = {"device": str(d.device), "amp": str(ctx["amp_dtype"]), "channels_last": ctx["channels_last"],
-              "batch_size": B, "img_size": S, "train_images_per_s": model_rate,
-              "data_images_per_s": data_rate, "workers": config["workers"]}
-    if d.device.type == "cuda":
-        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    limit = "the data pipeline" if data_rate < model_rate else "the model"
-    ctx["log"](f"benchmark ({d.device}, batch {B}, {S} px, amp {ctx['amp_dtype']}, "
-               f"channels_last {ctx['channels_last']}, {config['workers']} workers):\n"
-               f"  training step on synthetic tensors: {model_rate:8.1f} images/s\n"
-               f"  data pipeline alone:                {data_rate:8.1f} images/s\n"
-               + (f"  peak GPU memory: {result['peak_gpu_memory_gib']:.2f} GiB\n" if "peak_gpu_memory_gib" in result else "")
-               + f"  -> {limit} limits training speed")
-    return result
+def fail(message):
+    """A mistake the user can fix: one line naming the file or value and what to do; exit code 2."""
+    print(f"05_train.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
-# ----------------------------------------------------------------------------- main
+def make_config(given, kind):
+    """defaults < preset < --config FILE < flags; the --model preset fills the model fields left unset."""
+    preset = given.get("preset", "auto")
+    preset = ("demo" if kind == "synthetic" else "coco") if preset == "auto" else preset
+    config = replace(PRESETS[preset], **{**given, "preset": preset})
+    arch = transformer.PRESETS[config.model]
+    config = replace(config, **{k: getattr(arch, k) for k in MODEL_FIELDS if getattr(config, k) is None})
+    paths = ["train_images", "train_ann", "val_images", "val_ann", "synthetic_root"]
+    paths += ["data_root"] if kind == "coco2014" else []  # unused, it stays as given (stage 1 checks a named one)
+    return replace(config, name=config.name or preset,
+                   **{k: str(Path(getattr(config, k)).resolve()) for k in paths if getattr(config, k)})
+
+
+def check_values(values):
+    for f in fields(TrainConfig):
+        check, value = f.metadata["check"], values.get(f.name)
+        if check and value is not None and not CHECKS[check](value):
+            fail(f"--{f.name.replace('_', '-')} {value}: must be {check} ({f.metadata['help']})")
+
+
+def read_config_file(path):
+    """A run's config.json as flag values (--resume, --init-from and --init-ema are not taken from it)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        fail(f"--config {path}: cannot read it as JSON ({type(error).__name__}); give a run's config.json")
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)}) if isinstance(values, dict) else ["?"]
+    if unknown:
+        fail(f"--config {path}: unknown settings {unknown}; give a config.json written by 05_train.py")
+    return {k: v for k, v in values.items() if k not in ("resume", "init_from", "init_ema")}
+
+
+def resumed_config(ckpt, given):
+    config = TrainConfig(**ckpt["config"])
+    clash = {k: (getattr(config, k), v) for k, v in given.items()
+             if k not in RESUME_OVERRIDABLE and getattr(config, k) != v}
+    if clash:
+        fail("--resume continues a run with its own settings, and these differ: " + "; ".join(
+            f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in clash.items())
+            + ". Drop them to continue that run, or start a new one with --init-from.")
+    return replace(config, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
+
+
+def resolve_data(values, d):
+    """Stage 1 picks the data (rank 0 first: it may make the built-in set, which the others then find)."""
+    v, spec, error = {**asdict(TrainConfig()), **values}, None, None
+    for turn in (True, False):
+        if d.main == turn:
+            try:
+                spec = data.resolve_dataset(v["data_root"], *(v[k] or None for k in ("train_images", "train_ann",
+                                            "val_images", "val_ann")), v["synthetic_root"], seed=v["seed"])
+            except data.DataError as found:  # raised after the barrier: the other processes must not wait
+                error = found
+        if d.world > 1:
+            dist.barrier()
+    if error:
+        raise error
+    return spec
+
+
+def load_resume(path):
+    if Path(path).is_dir():
+        fail(f"--resume {path} is a folder; give {Path(path) / 'last.pt'}")
+    ckpt = evaluation.load_checkpoint(path)
+    if "optimizer" not in ckpt:
+        fail(f"--resume {path} holds weights only (a best.pt), not the training state; continue from "
+             f"{Path(path).parent / 'last.pt'}, or start a new run from these weights with --init-from {path}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2; an unknown flag gets the nearest known one suggested
+        unknown = message.split(": ", 1)[1].split()[:1] if message.startswith("unrecognized") else []
+        near = [m for u in unknown for m in difflib.get_close_matches(u, self._option_string_actions, 1)]
+        self.exit(2, f"{self.prog}: error: {message}" + (f"; did you mean {near[0]}?" if near else "") + "\n")
+
+
+def build_parser():
+    coco, demo = PRESETS["coco"], PRESETS["demo"]
+
+    def default(name):
+        a, b = (getattr(coco, name), getattr(demo, name)) if name != "preset" else ("auto",) * 2
+        if a is None:
+            return "default: the --model preset's: " + ", ".join(f"{k} {getattr(v, name)}"
+                                                                   for k, v in transformer.PRESETS.items())
+        return f"default: coco {a}, demo {b}" if a != b else f"default: {a if a != '' else 'none'}"
+
+    table = "\n".join(f"  {f.name:16s} {str(getattr(coco, f.name)):16s} {getattr(demo, f.name)}"
+                      for f in fields(TrainConfig)[1:] if getattr(coco, f.name) != getattr(demo, f.name))
+    parser = Parser(prog="05_train.py", usage="%(prog)s [options]", allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="Train Query2Label. Settings: defaults < preset < --config FILE < flags; the "
+                                "resolved values are printed at start and saved to runs/<name>/config.json.",
+                    epilog=f"presets (where they differ; --preset auto = demo on the built-in dataset, else coco):"
+                           f"\n  {'setting':16s} {'coco':16s} demo\n{table}")
+    groups = {}
+    for f in fields(TrainConfig):
+        m, kind = f.metadata, f.metadata["type"] or type(f.default)
+        group = groups.get(m["group"]) or groups.setdefault(m["group"], parser.add_argument_group(m["group"]))
+        options = (dict(action=argparse.BooleanOptionalAction) if kind is bool else
+                   dict(type=kind, choices=m["choices"], metavar=None if m["choices"] else f.name.upper()))
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                           help=f"{m['help']} ({default(f.name)})", **options)
+    groups["run"].add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                               help="a run's config.json: its settings again (flags given too override them)")
+    return parser
+
 
 def main(argv=None):
-    args = parse_args(argv)
-    d = setup_distributed(args.device)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    onednn_deterministic = torch.backends.mkldnn.deterministic
+    given = vars(build_parser().parse_args(argv))  # only the flags given; the rest: preset and --config
+    d = setup_distributed(given.get("device", "auto"))
+    determinism = torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic
     try:
-        return run(args, d)
+        summary = train(given, d)
+    except (data.DataError, backbone.FileProblem, evaluation.CheckpointError) as error:
+        fail(str(error).splitlines()[0])
     finally:  # a caller (tests, a notebook) gets its settings back
-        torch.use_deterministic_algorithms(deterministic)
-        torch.backends.mkldnn.deterministic = onednn_deterministic
+        torch.use_deterministic_algorithms(determinism[0])
+        torch.backends.mkldnn.deterministic = determinism[1]
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def run(args, d):
-    started = time.perf_counter()
-    resumed = None
-    if args.resume:
-        path = find_resume(args.resume, args.out_dir or DEFAULTS["out_dir"], args.name)
-        resumed = load_checkpoint(path)
-    # The dataset comes first (the preset depends on it). Rank 0 generates the built-in one if needed.
-    source = resumed["args"] if resumed else {**DEFAULTS, **{k: v for k, v in vars(args).items() if v is not None}}
-    spec = None
-    for rank_turn in (True, False):
-        if d.main == rank_turn:
-            spec = data.resolve_dataset(source["data_root"], source["train_images"], source["train_ann"],
-                                        source["val_images"], source["val_ann"], source["synthetic_root"])
-        barrier(d)
-    config = resolve_config(args, spec, resumed)
-    run_dir = path.parent if resumed else fresh_run_dir(config["out_dir"], config["name"])
-    if d.world > 1 and not resumed:  # every process must write to the same folder
-        box = [str(run_dir)]
-        dist.broadcast_object_list(box)
-        run_dir = Path(box[0])
-    log = Log(d, run_dir)
-    log(f"dataset: {spec.note}")
-    if resumed:
-        log(f"resuming {path} at epoch {resumed['state']['epoch'] + 1}, step {resumed['step']}")
-    log("configuration (preset '" + config["preset"] + "'; flags override):\n"
-        + "\n".join(f"  {k:18s} {v}" for k, v in config.items()))
-
-    torch.manual_seed(config["seed"] + d.rank)
-    random.seed(config["seed"] + d.rank)
-    np.random.seed(config["seed"] + d.rank)
-    if config["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-        # oneDNN, the CPU convolutions, may reduce with atomics unless told not to; the switch above
-        # does not cover it (torch.backends.mkldnn.deterministic stays False by default).
-        torch.backends.mkldnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # * data
-    augment = dict(randaugment=config["randaugment"], cutout=config["cutout"], hflip=config["hflip"])
-    train_set = data.CocoMultiLabel(spec.train_images, spec.train_ann,
-                                    data.build_transforms(config["img_size"], train=True, **augment),
-                                    drop_empty=config["drop_empty"], strict=config["strict"], seed=config["seed"])
-    val_set = data.CocoMultiLabel(spec.val_images, spec.val_ann,
-                                  data.build_transforms(config["img_size"], train=False),
-                                  drop_empty=config["drop_empty"], strict=config["strict"], seed=config["seed"])
-    if train_set.class_names != val_set.class_names:
-        raise SystemExit(f"error: {spec.train_ann} and {spec.val_ann} define different categories; "
-                         "training and validation must share one label set")
-    log(train_set.summary())
-    log(val_set.summary())
-    loader_args = dict(workers=config["workers"], distributed=d.world > 1, seed=config["seed"],
-                       pin_memory=d.device.type == "cuda")
-    train_loader = data.build_loader(train_set, config["batch_size"], train=True, **loader_args)
-    val_loader = data.build_loader(val_set, config["batch_size"], train=False, **loader_args)
-    if len(train_loader) == 0:
-        raise SystemExit(f"error: {len(train_set)} training images per process is less than one batch of "
-                         f"{config['batch_size']}; lower --batch-size")
-
-    # * model, EMA, optimiser, schedule, loss
-    model_config = build_model_config(config, len(train_set.class_names))
-    # NHWC is faster for convolutions on CUDA (tensor cores) and, measured here, on the CPU too.
-    channels_last = config["channels_last"] if config["channels_last"] is not None else True
-    try:
-        model = transformer.Query2Label(model_config).to(d.device)
-    except (transformer.backbone.WeightsUnavailableError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        # no network for the hub, a missing or mismatched weights file, an unknown backbone, a bad width
-        raise SystemExit(f"error: cannot build the model: {error}") from None
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    log(f"model: {model_config.backbone}, d {model_config.d_model}, {n_train / 1e6:.2f}M trainable of "
-        f"{n_all / 1e6:.2f}M parameters")
-    ema = ModelEMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": config["backbone_lr"]},
-              {"params": [p for n, p in trainable if not n.startswith("backbone.")], "lr": config["lr"]}]
-    # weight decay on every parameter, as official; fused: one kernel for all parameters instead of ~10
-    # per tensor (measured on the demo model on the CPU: 1.4-1.6 ms per step instead of 5.0-5.7 ms)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config["weight_decay"], fused=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                    pct_start=config["warmup_pct"],
-                                                    total_steps=config["epochs"] * len(train_loader))
-    # bf16 needs no loss scaling (the exponent range of fp32); fp16 does; the CPU default is fp32
-    amp_dtype = evaluation.amp_dtype_for(config["amp"], d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
-    if config["compile"]:
-        model = torch.compile(model)
-    if d.world > 1:
-        model = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    cutmix_rng = torch.Generator().manual_seed(config["seed"] * 1000 + d.rank)
-    ctx = dict(dist=d, config=config, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-               scaler=scaler, criterion=build_loss(config), amp_dtype=amp_dtype, channels_last=channels_last,
-               train_loader=train_loader, val_loader=val_loader, log=log, run_dir=run_dir,
-               model_config=model_config, class_names=list(train_set.class_names), cutmix_rng=cutmix_rng,
-               cutmix=data.CutMix(config["cutmix_alpha"], config["cutmix"]) if config["cutmix"] > 0 else None,
-               data_info={"kind": spec.kind, "val_images": str(spec.val_images), "val_ann": str(spec.val_ann),
-                          "val_ann_fingerprint": data.file_fingerprint(spec.val_ann),
-                          "img_size": config["img_size"], "drop_empty": config["drop_empty"]})
-    if config["benchmark"]:
-        result = benchmark(ctx)
-        log.close()
-        return result
-
-    state = dict(epoch=0, step_in_epoch=0, global_step=0, best_map=-1.0, best_source=None, best_epoch=-1,
-                 epochs_without_better=0, nonfinite_in_a_row=0, nonfinite_total=0, loss_sum=0.0, loss_count=0,
-                 history=[])
-    if resumed:
-        state = restore(resumed, ctx)
-    if d.main:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-        log.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
-    log(f"amp: {amp_dtype or 'off (float32)'}; channels_last: {channels_last}; device: {d.device}; "
-        f"processes: {d.world}; {len(train_loader)} steps per epoch; writing to {run_dir}")
-
-    outcome, last_metrics = "done", None
-    with StopRequest() as stop:
-        while state["epoch"] < config["epochs"]:
-            epoch_started = time.perf_counter()
-            outcome = train_one_epoch(state, ctx, stop)
-            if outcome == "nonfinite":
-                log(f"error: {config['max_nonfinite']} non-finite losses in a row; stopping. The last good "
-                    f"checkpoint is kept: {run_dir / 'last.pt'}. Try a lower --lr, --grad-clip 1, or --amp bf16/off.")
-                break
-            if outcome == "stopped":
-                save_last(state, ctx)
-                log(f"stopped at epoch {state['epoch'] + 1}, step {state['global_step']}; "
-                    f"continue with: python 05_train.py --resume {run_dir / 'last.pt'}")
-                break
-            last_metrics = end_of_epoch(state, ctx, time.perf_counter() - epoch_started)
-            if config["early_stop"] and state["epochs_without_better"] >= config["early_stop"]:
-                log(f"early stop: no better mAP for {config['early_stop']} epochs")
-                break
-    if outcome == "done" and last_metrics is not None and d.main:
-        best = last_metrics["best_scores"]
-        for k, name in enumerate(ctx["class_names"]):
-            log.writer.add_pr_curve(f"pr/{name}", best["targets"][:, k], best["scores"][:, k], state["global_step"])
-        write_curves(state["history"], run_dir / "curves.png")
-    summary = {"outcome": outcome, "run_dir": str(run_dir), "epochs": state["epoch"],
-               "best_map": state["best_map"], "best_source": state["best_source"],
-               "nonfinite_total": state["nonfinite_total"], "seconds": time.perf_counter() - started,
-               "history": state["history"]}
-    log(f"finished ({outcome}) in {summary['seconds']:.0f} s: best mAP {state['best_map']:.2f} "
-        f"({state['best_source']} weights, epoch {state['best_epoch'] + 1}); best.pt and last.pt in {run_dir}")
-    log.close()
-    if outcome == "nonfinite":
-        raise SystemExit(2)
+    if summary["outcome"] != "done":  # 130 after Ctrl-C, 143 after SIGTERM, 1 after non-finite losses
+        raise SystemExit(128 + summary["signal"] if summary["outcome"] == "stopped" else 1)
     return summary
 
 
-def end_of_epoch(state, ctx, seconds):
-    """Validate raw and EMA weights, log, write best.pt (the better of the two) and last.pt."""
-    d, config, log = ctx["dist"], ctx["config"], ctx["log"]
-    common = (ctx["val_loader"], d, ctx["amp_dtype"], ctx["channels_last"], ctx["class_names"])
-    raw = validate(ctx["model"], *common, desc="val (raw)")
-    ema = validate(ctx["ema"].module, *common, desc="val (EMA)") if ctx["ema"] else None
-    better, source = (ema, "ema") if ema and ema["mAP"] > raw["mAP"] else (raw, "raw")
-    epoch = state["epoch"]
-    record = {"epoch": epoch + 1, "step": state["global_step"],
-              "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
-              "lr": ctx["scheduler"].get_last_lr()[1], "mAP_raw": raw["mAP"], "mAP_ema": ema and ema["mAP"],
-              "mAP_voc": better["mAP_voc"], "CF1": better["CF1"], "OF1": better["OF1"],
-              "CF1_top3": better["CF1_top3"], "OF1_top3": better["OF1_top3"], "source": source,
-              "images_scored": raw["images_scored"], "bad_images": ctx["train_loader"].dataset.bad_count,
-              "images_per_s": state.get("images_per_s"), "seconds": seconds}
-    improved = better["mAP"] > state["best_map"]
-    if improved:
-        state.update(best_map=better["mAP"], best_source=source, best_epoch=epoch, epochs_without_better=0)
+def train(given, d):
+    """Checks, data, configuration, set-up, then `run`; every mistake that can be found early stops first."""
+    if "config" in given:
+        if given.get("resume"):
+            fail("--config starts a run from saved settings, --resume continues a run with its own: give one")
+        given = {**read_config_file(given.pop("config")), **given}
+    check_values(given)
+    if given.get("init_ema") and not given.get("init_from"):
+        fail("--init-ema takes the EMA weights of the checkpoint given with --init-from; give --init-from CKPT")
+    spec, ckpt, init = None, None, None
+    if given.get("resume") == "auto":
+        name = given.get("name") or given.get("preset", "auto").replace("auto", "")
+        if not name:  # the preset that auto picks depends on the data found
+            spec = resolve_data(given, d)
+            name = "demo" if spec.kind == "synthetic" else "coco"
+        given["resume"] = str(Path(given.get("out_dir", "runs")) / name / "last.pt")
+        if not Path(given["resume"]).exists():
+            fail(f"--resume auto: no {given['resume']} to continue (the name comes from --name, else the preset)")
+    if given.get("resume"):
+        ckpt = load_resume(given["resume"])
+        config = resumed_config(ckpt, given)
+        spec = resolve_data(asdict(config), d)
     else:
-        state["epochs_without_better"] += 1
-    state["history"].append(record)
-    state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
-    if d.main:
-        log.scalars({"val/mAP_raw": raw["mAP"], "val/mAP_voc": better["mAP_voc"], "val/CF1": better["CF1"],
-                     "val/OF1": better["OF1"], **({"val/mAP_ema": ema["mAP"]} if ema else {})}, state["global_step"])
-        with open(ctx["run_dir"] / "history.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if improved:
-            weights = ctx["ema"].module if source == "ema" else unwrap(ctx["model"])
-            save_atomic({**checkpoint_common(state, ctx), "model": weights.state_dict(), "weights_source": source,
-                         "ema": None, "metrics": {k: v for k, v in better.items() if k not in ("scores", "targets")}},
-                        ctx["run_dir"] / "best.pt")
-        ema_text = f", EMA {ema['mAP']:.2f}" if ema else ""
-        log(f"epoch {epoch + 1}/{config['epochs']}: loss {record['train_loss']:.4f}, mAP raw {raw['mAP']:.2f}"
-            f"{ema_text} -> {source} is better; VOC mAP {better['mAP_voc']:.2f}, CF1 {better['CF1']:.1f}, "
-            f"OF1 {better['OF1']:.1f}; {seconds:.0f} s" + (" *best*" if improved else "")
-            + (f"; {record['bad_images']} corrupt images replaced" if record["bad_images"] else ""))
-    ctx["train_loader"].dataset.reset_bad_count()  # the count is reported per epoch
-    save_last(state, ctx)
-    return {"best_scores": better}
+        init = evaluation.load_checkpoint(given["init_from"]) if given.get("init_from") else None
+        if init is not None and given.get("init_ema") and not init.get("ema"):
+            fail(f"--init-ema: {given['init_from']} holds no EMA weights (only last.pt does; best.pt holds the better"
+                 f" of raw and EMA already, here {init.get('weights_source')}); drop --init-ema")
+        config = make_config(given, (spec := spec or resolve_data(given, d)).kind)
+    log = Log(d)
+    log(f"dataset: {spec.note}")
+    if spec.kind == "synthetic" and config.preset == "coco":
+        log("note: the coco preset on the built-in dataset trains ResNet-101 at 448 px on 64 px shapes (hours on a "
+            "CPU); --preset demo is the recipe made for it")
+    torch.manual_seed(config.seed + d.rank)
+    random.seed(config.seed + d.rank)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.mkldnn.deterministic = True  # oneDNN (CPU convolutions): the switch above does not cover it
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    r = setup(config, spec, d, log)
+    if ckpt is not None:
+        progress, r.run_dir = restore(r, ckpt), Path(config.resume).parent
+    else:
+        progress, r.run_dir = Progress(), fresh_run_dir(Path(config.out_dir) / config.name, d)
+        if init is not None:
+            init_weights(r, init, config)
+    log.open(r.run_dir)  # the run starts: only now does its folder exist
+    if d.main:  # history from the checkpoint: no epoch twice or missing after a kill and a resume
+        (r.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (r.run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+        logged = (r.run_dir / "train.log").read_text()
+        for h in progress.history:  # an epoch line a kill cut off after its last.pt was written
+            log(epoch_line(h, config.epochs)) if epoch_line(h, config.epochs) not in logged else None
+    log("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in asdict(config).items()))
+    if ckpt is not None:
+        log(f"resuming {config.resume} at epoch {progress.epoch + 1}, step {progress.global_step}")
+    if config.loss_reduction == "q2l":
+        log("loss: the official Query2Label scale, the sum over the B*K label entries / (B*K) * 1000: divide by "
+            "1000 for the mean per label (250 = 0.25)")
+    if spec.kind == "synthetic":
+        log(f"== training on the built-in dataset ({config.synthetic_root}): no dataset flags and no COCO 2014 under "
+            f"{config.data_root}. For COCO unpack train2014/, val2014/, annotations/ there (or --data-root); for "
+            "your own data give --train-images --train-ann --val-images --val-ann ==")
+    log(f"amp: {r.amp_dtype or 'off (float32)'}; channels_last: {config.channels_last}; device: {d.device}; "
+        f"processes: {d.world}; {len(r.train_loader)} steps per epoch; writing to {r.run_dir}")
+    try:
+        return run(r, progress)
+    finally:
+        log.close()
+
+
+def init_weights(r, ckpt, config):
+    """--init-from: the checkpoint's model (or EMA) weights, for the model and its EMA; a new schedule."""
+    if ckpt["class_names"] != r.class_names:
+        fail(f"--init-from {config.init_from}: its classes {ckpt['class_names'][:4]}... are not this dataset's")
+    try:
+        unwrap(r.model).load_state_dict(ckpt["ema"] if config.init_ema else ckpt["model"])
+    except RuntimeError as error:
+        fail(f"--init-from {config.init_from}: its weights do not fit this model ({str(error).splitlines()[1].strip()}"
+             "); give the model flags of that run (its config is in the checkpoint)")
+    r.ema.set(unwrap(r.model)) if r.ema is not None else None
+    r.log(f"weights from {config.init_from} ({'EMA' if config.init_ema else ckpt.get('weights_source')} weights, "
+          f"epoch {ckpt['epoch']}); a new run with its own schedule")
+
+
+def fresh_run_dir(run_dir, d):
+    """runs/<name>, else runs/<name>-2, -3, ...: a new run never overwrites another; the same on every rank."""
+    base, n = run_dir, 1
+    while (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box) if d.world > 1 else None
+    return Path(box[0])
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; last.pt is the last one written
+        print("\ninterrupted at once; resume from the run's last.pt (--resume)", file=sys.stderr)
+        sys.exit(130)
