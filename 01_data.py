@@ -1,27 +1,21 @@
 """Stage 1: the data. Images and their label vectors, ready for a multi-label model.
 
-Query2Label (Liu et al., 2021) predicts which of K labels are present in an image: a target is a
-vector y in {0, 1}^K. This stage builds those vectors from COCO-format annotations, decodes images
-as RGB, applies the paper's augmentation (square resize, RandAugment, Cutout) and CutMix, and serves
-batches through DataLoaders that resume mid-epoch and shard evaluation.
+Query2Label (Liu et al., 2021) predicts which of K labels are in an image: a target y in {0, 1}^K.
+This stage builds those vectors from COCO-format annotations, decodes images as RGB, applies the
+paper's augmentation (square resize, RandAugment, Cutout) and CutMix, and serves batches through
+DataLoaders that resume mid-epoch and shard evaluation.
 
     labels[i, k] = 1  iff an annotation of image i has category cat_ids[k]    (N, K), cat_ids sorted
-
-    python 01_data.py [--strict]   # find (or draw) the data, print summaries, write docs/figures/01_samples.png
+    python 01_data.py [--strict]   # find or draw the data, print summaries, write the sample figure
 
 Shapes: N images, K labels, B batch, S image side (square). Batch-first. Next: 02_backbone.py.
-
-Data: your four paths, else COCO 2014 under --data-root, else (only if the default data/coco is absent)
-the built-in set, drawn by tools/make_synthetic.py, run as a program (stages never import tools).
-Policy, tolerant unless strict=True: images missing on disk and annotations with an unlisted category_id
-or image_id are skipped and reported (`skipped`, `summary()`); duplicate ids are rejected (ambiguous).
-An undecodable image is replaced by the next readable one in training (substitute=True) and left out of
-the metric in validation (substitute=False: targets -1, unknown). User mistakes: DataError naming the file.
+Data: your four paths, else COCO 2014 under --data-root, else the built-in set (resolve_dataset).
+Tolerant unless strict: missing images, unlisted ids and undecodable files are skipped and reported
+(validation leaves them out of the metric); duplicate ids are errors.
 
 Deviations from the official loader (SlongLiu/query2labels):
 - Its Cutout never runs (an argument is not forwarded); ours works and is tested.
-- It builds each label vector in __getitem__ through pycocotools; we build the (N, K) matrix once,
-  vectorised, from the JSON.
+- It builds each label vector in __getitem__ (pycocotools); we build the (N, K) matrix once, vectorised.
 - Augmentation is seeded per sample from (seed, epoch, index): a resumed run sees the same images.
 """
 
@@ -52,7 +46,7 @@ ROOT = Path(__file__).resolve().parent
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKGROUND = (255, 255, 255)  # transparent pixels go on white, as viewers show them
-COCO_ROOT = "data/coco"  # the default --data-root: only when it is absent do we fall back to the built-in set
+COCO_ROOT = "data/coco"  # the default --data-root; only when it is absent: the built-in set
 FIGURE = ROOT / "docs" / "figures" / "01_samples.png"  # the one picture this stage explains
 
 
@@ -69,23 +63,23 @@ def build_label_matrix(data, ann_file="annotations"):
     """The (N, K) 0/1 label matrix of a COCO dict (see read_coco), vectorised, and what it skipped.
     Column k is category cat_ids[k], sorted (COCO's 80 ids run 1..90 with gaps); row i is the file's
     i-th image. Returns labels (N, K) float32, cat_ids, class_names, image_ids, file_names, skipped."""
-    cat_ids, names = _column(data, "categories", "id", ann_file), _column(data, "categories", "name", ann_file, str)
-    image_ids, file_names = _column(data, "images", "id", ann_file), _column(data, "images", "file_name", ann_file, str)
+    column = functools.partial(_column, data, ann_file=ann_file)  # one checked field of every entry
+    cat_ids, names = column("categories", "id"), column("categories", "name", kind=str)
+    image_ids, file_names = column("images", "id"), column("images", "file_name", kind=str)
     cat_ids, names = np.sort(cat_ids), [names[k] for k in np.argsort(cat_ids)]
-    ann_images = _column(data, "annotations", "image_id", ann_file)  # (A,)
-    ann_cats = _column(data, "annotations", "category_id", ann_file)  # (A,)
-
+    ann_images, ann_cats = column("annotations", "image_id"), column("annotations", "category_id")  # (A,)
     rows = np.argsort(image_ids)  # rows[j] = row of the j-th smallest image id
-    pos = np.searchsorted(image_ids[rows], ann_images).clip(0, len(rows) - 1)  # (A,) where each id would sit
+    pos = np.searchsorted(image_ids[rows], ann_images).clip(0, len(rows) - 1)  # (A,) where ids would sit
     cols = np.searchsorted(cat_ids, ann_cats).clip(0, len(cat_ids) - 1)  # (A,)
     no_image, no_category = image_ids[rows][pos] != ann_images, cat_ids[cols] != ann_cats  # not listed
     no_category &= ~no_image  # an annotation is reported for its first problem only
     ok = ~(no_image | no_category)
     labels = np.zeros((len(image_ids), len(cat_ids)), dtype=np.float32)  # (N, K)
     labels[rows[pos[ok]], cols[ok]] = 1.0  # several boxes of one class still make a single 1
-    anns = data["annotations"]
-    skipped = {f"unknown_{field}": [f"annotation {anns[i].get('id', i)}: {field} {values[i]}" for i in np.flatnonzero(bad)]
-               for field, values, bad in (("image_id", ann_images, no_image), ("category_id", ann_cats, no_category))}
+    anns, unknown = data["annotations"], {"image_id": (ann_images, no_image),
+                                          "category_id": (ann_cats, no_category)}
+    skipped = {f"unknown_{field}": [f"annotation {anns[i].get('id', i)}: {field} {values[i]}"
+                                    for i in np.flatnonzero(bad)] for field, (values, bad) in unknown.items()}
     return labels, cat_ids.tolist(), names, image_ids.tolist(), file_names, skipped
 
 
@@ -94,15 +88,17 @@ class CocoMultiLabel(Dataset):
     Images without annotations stay in as all-negative targets (as the Query2Label loader keeps
     them) unless drop_empty=True (as the ASL loader does): the two give slightly different mAP."""
 
-    def __init__(self, image_dir, ann_file, transform=None, drop_empty=False, strict=False, seed=0, substitute=True):
+    def __init__(self, image_dir, ann_file, transform=None, drop_empty=False, strict=False, seed=0,
+                 substitute=True):
         self.image_dir, self.ann_file, self.transform = Path(image_dir), Path(ann_file), transform
         self.drop_empty, self.strict, self.seed, self.substitute = drop_empty, strict, seed, substitute
         data = read_coco(self.ann_file)
-        labels, self.cat_ids, self.class_names, image_ids, names, skipped = build_label_matrix(data, self.ann_file)
+        labels, self.cat_ids, self.class_names, image_ids, names, skipped = build_label_matrix(data, ann_file)
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {self.image_dir} does not exist")
         listed = set(os.listdir(self.image_dir))  # one listing instead of one stat per image
-        missing = np.array([not (n in listed if "/" not in n else (self.image_dir / n).is_file()) for n in names])  # (N,)
+        missing = np.array([n not in listed if "/" not in n else not (self.image_dir / n).is_file()
+                            for n in names], dtype=bool)  # (N,)
         self._skipped = {"missing_files": [names[i] for i in np.flatnonzero(missing)], **skipped}
         if strict and any(self._skipped.values()):
             raise DataError(f"{self.ann_file} (strict): {describe_skipped(self._skipped)}")
@@ -110,10 +106,12 @@ class CocoMultiLabel(Dataset):
         self.num_annotations, self.num_empty = len(data["annotations"]), int((empty & ~missing).sum())
         keep = np.flatnonzero(~missing & ~(empty & drop_empty))
         if not len(keep):
-            raise DataError(f"{self.ann_file}: no image left: " + (f"none of its {len(names):,} images is in "
-                            f"{self.image_dir} (e.g. {names[0]})" if missing.all() else "none has an annotation"))
+            raise DataError(f"{self.ann_file}: no image left: " + (
+                f"none of its {len(names):,} images is in {self.image_dir} (e.g. {names[0]})"
+                if missing.all() else "none has an annotation"))
         self.labels = torch.from_numpy(labels[keep])  # (N, K)
-        self.image_ids, self.image_paths = [image_ids[i] for i in keep], [self.image_dir / names[i] for i in keep]
+        self.image_ids = [image_ids[i] for i in keep]
+        self.image_paths = [self.image_dir / names[i] for i in keep]
         # Shared memory, so DataLoader workers (persistent ones too) see set_epoch and mark bad files.
         self._epoch = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Array("b", len(keep), lock=False)  # 1 = this file cannot be decoded
@@ -138,8 +136,8 @@ class CocoMultiLabel(Dataset):
         return image, target
 
     def _load(self, index):
-        """Image `index` and its target. A corrupt file is marked (once, across workers) and reported, then
-        replaced: in training by the next readable image, in validation by a blank one with unknown targets."""
+        """Image `index` and its target. A corrupt file is marked (once, across workers), reported and
+        replaced: in training by the next readable image, in validation by a blank one, targets unknown."""
         for step in range(len(self) if self.substitute else 1):
             j = (index + step) % len(self)
             try:
@@ -181,17 +179,16 @@ class CocoMultiLabel(Dataset):
         return "\n".join([
             f"{self.ann_file} ({self.image_dir})",
             f"  images          {N:,}; {self.num_empty:,} without annotations {empty}",
-            f"  classes         {K}: category ids {self.cat_ids[0]}..{self.cat_ids[-1]} in order -> columns 0..{K - 1}",
+            f"  classes         {K}: category ids {self.cat_ids[0]}..{self.cat_ids[-1]} -> columns 0..{K-1}",
             f"  annotations     {self.num_annotations:,} -> {int(per_image.sum()):,} positive labels, "
             f"{per_image.mean():.2f} per image (at most {int(per_image.max())})",
             f"  no positives    {', '.join(absent) or 'none'}" + (" (no AP for these)" if absent else ""),
-            f"  skipped         {describe_skipped(self.skipped) or 'nothing'}",
-        ])
+            f"  skipped         {describe_skipped(self.skipped) or 'nothing'}"])
 
 
-# ----------------------------------------------------------------------------- images
+# ----------------------------------------------------------------------------- images, transforms, CutMix
 def load_image(path, background=BACKGROUND):
-    """Decode an image file as RGB, upright as its EXIF orientation says; CorruptImageError if unreadable."""
+    """Decode an image file as RGB, upright as its EXIF orientation says; CorruptImageError if not."""
     path = Path(path)
     try:
         if path.stat().st_size > 0:
@@ -210,11 +207,11 @@ def to_rgb(image, background=BACKGROUND):
     if image.mode.startswith("I;16"):  # 16-bit grey: rescale, since convert() would clip at 255
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        return Image.alpha_composite(Image.new("RGBA", image.size, background), image.convert("RGBA")).convert("RGB")
+        canvas = Image.new("RGBA", image.size, background)
+        return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
-# ----------------------------------------------------------------------------- transforms
 def build_transforms(img_size, train, randaugment=True, cutout=True, hflip=True, cutout_fraction=0.5):
     """PIL image -> normalised float32 (3, S, S); training adds the paper's augmentation, drawing from
     torch's global RNG, which CocoMultiLabel seeds per sample."""
@@ -240,15 +237,13 @@ def cutout_square(image, fraction=0.5):  # (3, S, S)
 
 
 def to_normalized_tensor(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL RGB image -> float32 (3, S, S) holding (x / 255 - mean) / std, in one multiply-add.
-    v2.ToImage + ToDtype + Normalize give the same numbers (to 1e-6) in three passes: 1.2-2x the CPU
-    on that step, 1.07-1.19x on the whole training transform at 448 px (tools/bench_data.py)."""
+    """PIL RGB image -> float32 (3, S, S) holding (x / 255 - mean) / std, in one multiply-add (v2's
+    ToImage + ToDtype + Normalize: same numbers, three passes, 1.07-1.19x slower; tools/bench_data.py)."""
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
     return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
 
 
-# ----------------------------------------------------------------------------- CutMix
 class CutMix:
     """Multi-label CutMix (Yun et al., 2019) on a batch: paste a box from a shuffled copy.
 
@@ -256,11 +251,10 @@ class CutMix:
         lam = 1 - (area of the box after clipping to the image) / (S * S)
         y = lam * y_a + (1 - lam) * y_b        (area-weighted soft targets)
 
-    Why area-weighted, not the union max(y_a, y_b): a label from one image gets the share of the
-    picture that image still covers, roughly the chance its object is still in view; the union would
-    claim objects the box may have pasted over. Unknown entries (< 0) stay unknown. With probability
-    1 - prob the batch is returned unchanged. Not torchvision's v2.CutMix: it takes (B, K) soft targets
-    but mixes an unknown -1 into a soft label and draws from the global RNG (no exact resume)."""
+    Why area-weighted, not the union max(y_a, y_b): a label gets the share of the picture its image
+    still covers, roughly the chance its object is in view (the union would claim objects the box hid).
+    Unknown entries (< 0) stay unknown; with probability 1 - prob nothing changes. Not v2.CutMix: it
+    mixes an unknown -1 into a soft label and draws from the global RNG (no exact resume)."""
 
     def __init__(self, alpha=1.0, prob=0.5):
         self.alpha, self.prob = alpha, prob
@@ -288,12 +282,11 @@ class CutMix:
 
 # ----------------------------------------------------------------------------- loaders
 class ResumableSampler(DistributedSampler):
-    """Training order: torch's DistributedSampler (shuffle a pure function of seed, epoch, rank, world
-    size; drop_last) plus `set_start_batch(n)`, which skips the first n batches of this epoch for a
-    mid-epoch resume without decoding them. `set_epoch` also sets the dataset's augmentation epoch."""
+    """DistributedSampler (shuffled by seed, epoch, rank, world size; drop_last) + `set_start_batch(n)`:
+    skip this epoch's first n batches, undecoded (resume). `set_epoch` sets the dataset's epoch too."""
 
     def __init__(self, dataset, batch_size, num_replicas=None, rank=None, seed=0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.start_batch = batch_size, 0
 
     def set_epoch(self, epoch):
@@ -316,26 +309,24 @@ def build_loader(dataset, batch_size, train, workers=None, distributed=False, se
     """A DataLoader for training (shuffled, drop_last, resumable) or evaluation (in order, sharded)."""
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("distributed=True needs torch.distributed initialised first (e.g. under torchrun)")
+        raise RuntimeError("distributed=True needs torch.distributed initialised first (e.g. torchrun)")
     replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    # Evaluation: rank r of w takes the r-th contiguous slice, in order and unpadded (torch's DistributedSampler
-    # pads with repeats, which would score some images twice).
+    # Evaluation: rank r of w takes the r-th slice, in order, unpadded (DistributedSampler repeats some)
     n = len(dataset)
     sampler = ResumableSampler(dataset, batch_size, replicas, rank, seed) if train else \
         range(n * rank // replicas, n * (rank + 1) // replicas)
-    # Workers' base seed from the loader's own generator: an epoch's start leaves the caller's RNG alone (resume).
+    # Workers' base seed from the loader's own generator: starting an epoch leaves the caller's RNG alone.
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
                       persistent_workers=workers > 0, worker_init_fn=_ignore_sigint,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _ignore_sigint(worker_id):
-    """Ctrl-C reaches the whole process group: workers leave it to the main process (which checkpoints)."""
+def _ignore_sigint(worker_id):  # Ctrl-C reaches all workers: they leave it to the main process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# ----------------------------------------------------------------------------- where the data is
+# ----------------------------------------------------------------------------- where the data is, checks
 @dataclass
 class DatasetSpec:
     """Where a run's images and annotations are, and a human-readable note on how they were chosen."""
@@ -351,46 +342,50 @@ def resolve_dataset(data_root=COCO_ROOT, train_images=None, train_ann=None, val_
                     val_ann=None, synthetic_root="data/synthetic", seed=0, recipe=None):
     """Pick a run's data: your four paths, else COCO 2014 under data_root, else the built-in set.
     A path you named must exist: only the default data_root, when absent, falls back."""
-    given = {"--train-images": train_images, "--train-ann": train_ann, "--val-images": val_images, "--val-ann": val_ann}
+    own = "give your own data with --train-images --train-ann --val-images --val-ann"
+    given = dict(zip(["--train-images", "--train-ann", "--val-images", "--val-ann"],
+                     [train_images, train_ann, val_images, val_ann], strict=True))
     if any(given.values()):
         problems = [f"{flag} missing" for flag, value in given.items() if not value] or \
             [f"{flag} {value} not found" for flag, value in given.items() if not Path(value).exists()]
         if problems:
-            raise DataError(f"a custom dataset needs all four paths, and they must exist: {'; '.join(problems)}")
-        return DatasetSpec("custom", str(train_images), str(train_ann), str(val_images), str(val_ann),
+            raise DataError(f"a custom dataset needs all four paths, each existing: {'; '.join(problems)}")
+        return DatasetSpec("custom", *map(str, given.values()),
                            note=f"custom COCO-format dataset: train {train_ann}, val {val_ann}")
-    root = Path(data_root)
-    coco = DatasetSpec("coco2014", str(root / "train2014"), str(root / "annotations/instances_train2014.json"),
-                       str(root / "val2014"), str(root / "annotations/instances_val2014.json"),
-                       note=f"COCO 2014 under {root}")
-    absent = [path for path in (coco.train_images, coco.train_ann, coco.val_images, coco.val_ann)
-              if not Path(path).exists()]
+    root, paths = Path(data_root), coco_layout(data_root, "train2014", "val2014")
+    absent = [path for path in paths if not Path(path).exists()]
     if not absent:
-        return coco
+        return DatasetSpec("coco2014", *paths, note=f"COCO 2014 under {root}")
     if root.exists() or root != Path(COCO_ROOT):
-        raise DataError(f"--data-root {root}: " + (f"COCO 2014 is incomplete there (missing {', '.join(absent)})"
-                        if root.exists() else "does not exist") + "; unpack train2014/, val2014/ and "
-                        "annotations/ there, or give your own data with --train-images --train-ann --val-images --val-ann")
-    # The built-in set: tools/make_synthetic.py, run as a program (stages never import tools), shows its
-    # progress and returns at once when the set is there with the same recipe ({field: value} overrides).
-    command = [sys.executable, str(ROOT / "tools" / "make_synthetic.py"), "--root", str(synthetic_root), "--seed", str(seed)]
-    command += [str(x) for key, value in (recipe or {}).items() for x in (f"--{key.replace('_', '-')}", value)]
+        problem = f"COCO 2014 is incomplete there (missing {', '.join(absent)})" if root.exists() else \
+            "does not exist"
+        raise DataError(f"--data-root {root}: {problem}; unpack train2014/, val2014/ and annotations/ there, "
+                        f"or {own}")
+    # The built-in set: tools/make_synthetic.py as a program (stages never import tools); it returns at
+    # once when the set is there with the same recipe ({field: value} overrides).
+    command = [sys.executable, str(ROOT / "tools" / "make_synthetic.py"), "--root", str(synthetic_root),
+               "--seed", str(seed)]
+    command += [str(x) for k, v in (recipe or {}).items() for x in (f"--{k.replace('_', '-')}", v)]
     if subprocess.run(command).returncode != 0:
         raise DataError(f"drawing the built-in dataset failed (its message is above): {' '.join(command)}")
-    root, made = Path(synthetic_root), json.loads((Path(synthetic_root) / "recipe.json").read_text())["recipe"]
-    return DatasetSpec("synthetic", str(root / "train"), str(root / "annotations/instances_train.json"),
-                       str(root / "val"), str(root / "annotations/instances_val.json"), note=f"built-in synthetic "
-                       f"shapes at {root} ({made['train_images']:,} train + {made['val_images']:,} val images of "
-                       f"{made['image_size']} px, seed {seed}); no COCO 2014 under {data_root}: unpack it there (or "
-                       f"pass --data-root), or give your own data with --train-images --train-ann --val-images --val-ann")
+    root = Path(synthetic_root)
+    made = json.loads((root / "recipe.json").read_text())["recipe"]
+    return DatasetSpec("synthetic", *coco_layout(root, "train", "val"), note=(
+        f"built-in synthetic shapes at {root} ({made['train_images']:,} train + {made['val_images']:,} val "
+        f"images of {made['image_size']} px, seed {seed}); no COCO 2014 under {data_root}: unpack it there "
+        f"(or pass --data-root), or {own}"))
 
 
-# ----------------------------------------------------------------------------- checks and helpers
+def coco_layout(root, train, val):  # [train images, train JSON, val images, val JSON] as COCO lays them out
+    return [str(Path(root) / p) for s in (train, val) for p in (s, f"annotations/instances_{s}.json")]
+
+
 def read_coco(ann_file):
     """A COCO instances JSON as a dict, its three lists checked: one DataError line per problem."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise DataError(f"annotation file {ann_file} does not exist" + (" (it is a folder)" if ann_file.is_dir() else ""))
+        folder = " (it is a folder)" if ann_file.is_dir() else ""
+        raise DataError(f"annotation file {ann_file} does not exist{folder}")
     try:
         data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -401,8 +396,9 @@ def read_coco(ann_file):
                         f"got a {type(data).__name__}")
     for section in ("images", "annotations", "categories"):
         if not isinstance(data.get(section), list):
-            raise DataError(f"{ann_file}: {section!r} must be a list, got " + (f"a {type(data[section]).__name__}"
-                            if section in data else f"nothing: no such key (found {sorted(data)})"))
+            got = f"a {type(data[section]).__name__}" if section in data else \
+                f"nothing: no such key (found {sorted(data)})"
+            raise DataError(f"{ann_file}: {section!r} must be a list, got {got}")
         if not data[section] and section != "annotations":  # no annotations: every image all-negative
             raise DataError(f"{ann_file}: {section!r} is empty, so there is nothing to "
                             + ("load" if section == "images" else "learn"))
@@ -410,35 +406,34 @@ def read_coco(ann_file):
 
 
 def _column(data, section, key, ann_file, kind=int):
-    """Field `key` of every entry of data[section]: int64 ids (unique if key is 'id') or str; else a DataError."""
+    """Field `key` of every entry of data[section]: int64 ids (unique if key is 'id') or str."""
     entries = data[section]
     try:
         values = list(map(itemgetter(key), entries))
     except (KeyError, TypeError, IndexError):
         i = next(i for i, e in enumerate(entries) if not isinstance(e, dict) or key not in e)
-        raise DataError(f"{ann_file}: {section}[{i}] has no {key!r} field; got {str(entries[i])[:100]}") from None
+        got = str(entries[i])[:100]
+        raise DataError(f"{ann_file}: {section}[{i}] has no {key!r} field; got {got}") from None
     ids = np.array(values, dtype=None if values else np.int64) if kind is int else None  # fast: one C loop
     if (ids.dtype.kind != "i") if kind is int else not all(isinstance(v, str) for v in values):
         i = next((i for i, v in enumerate(values) if type(v) is not kind), 0)
         raise DataError(f"{ann_file}: {section}[{i}] has {key!r} = {values[i]!r}; expected "
                         + ("an integer" if kind is int else "a string"))
-    if kind is str:
-        return values
-    unique, counts = np.unique(ids, return_counts=True) if key == "id" else (ids, None)
+    unique, counts = np.unique(ids, return_counts=True) if key == "id" else (None, None)
     if counts is not None and (counts > 1).any():
-        raise DataError(f"{ann_file}: {section!r} lists id {unique[counts > 1][0]} more than once; which entry is "
-                        f"meant is ambiguous: remove the duplicates")
-    return ids.astype(np.int64)
+        raise DataError(f"{ann_file}: {section!r} lists id {unique[counts > 1][0]} more than once; which "
+                        f"entry is meant is ambiguous: remove the duplicates")
+    return values if kind is str else ids.astype(np.int64)
 
 
 def describe_skipped(skipped, shown=3):
-    """{kind: [names]} -> "missing files: 2 (a.jpg, b.jpg); undecodable: 1 (c.jpg)"; "" if nothing was skipped."""
+    """{kind: [names]} -> "missing files: 2 (a.jpg, b.jpg); undecodable: 1 (c.jpg)", or "" if none."""
     return "; ".join(f"{kind.replace('_', ' ')}: {len(names):,} ({', '.join(map(str, names[:shown]))}"
                      f"{', ...' if len(names) > shown else ''})" for kind, names in skipped.items() if names)
 
 
 def file_fingerprint(path):
-    """A short content hash: checkpoints record their validation annotations' one, to notice a changed file."""
+    """A short content hash: checkpoints record their validation annotations' one (changed file?)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -446,16 +441,15 @@ def save_sample_figure(dataset, path, img_size, count=6, seed=0):
     """Rows: images as stored, after training augmentation, after CutMix; titled with their labels."""
     from matplotlib.figure import Figure  # imported here: slow, and only this picture needs it
 
-    index = list(range(min(count, len(dataset))))
-    plain = build_transforms(img_size, train=False)
+    index, plain = list(range(min(count, len(dataset)))), build_transforms(img_size, train=False)
     stored = torch.stack([plain(load_image(dataset.image_paths[i])) for i in index])  # (B, 3, S, S)
     augmented, targets = map(torch.stack, zip(*[dataset[i] for i in index], strict=True))
     mixed, soft = CutMix(alpha=1.0, prob=1.0)(augmented, targets, torch.Generator().manual_seed(seed))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     fig = Figure(figsize=(2.1 * len(index), 8.2), layout="tight")
     axes = fig.subplots(3, len(index), squeeze=False)
-    for row, (images, labels, name) in enumerate([(stored, targets, "as stored"), (augmented, targets, "augmented"),
-                                                  (mixed, soft, "CutMix")]):
+    rows = [(stored, targets, "as stored"), (augmented, targets, "augmented"), (mixed, soft, "CutMix")]
+    for row, (images, labels, name) in enumerate(rows):
         for i, ax in enumerate(axes[row]):
             ax.imshow((images[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())  # (S, S, 3)
             ax.set_xticks([]), ax.set_yticks([])
@@ -467,13 +461,14 @@ def save_sample_figure(dataset, path, img_size, count=6, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="01_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="01_data.py", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     add = parser.add_argument  # * data
-    add("--data-root", default=COCO_ROOT, help="COCO 2014 (train2014/ val2014/ annotations/); default %(default)s")
-    add("--train-images", help="your own dataset (all four paths or none): folder of training images")
-    add("--train-ann", help="your own dataset: COCO instances JSON for training")
-    add("--val-images", help="your own dataset: folder of validation images")
-    add("--val-ann", help="your own dataset: COCO instances JSON for validation")
+    add("--data-root", default=COCO_ROOT, help="COCO 2014 (train2014/ val2014/ annotations/); default "
+        "%(default)s")
+    for split in ("train", "val"):  # your own dataset: all four paths or none
+        add(f"--{split}-images", help=f"your own dataset (all four paths or none): {split} image folder")
+        add(f"--{split}-ann", help=f"your own dataset: COCO instances JSON for {split}")
     add("--synthetic-root", default="data/synthetic", help="the built-in set's folder; default %(default)s")
     add("--seed", type=int, default=0, help="seed of the built-in set and of augmentation; default 0")
     add("--drop-empty", action="store_true", help="drop images without annotations; default: all-negative")
