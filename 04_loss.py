@@ -13,8 +13,9 @@ g- > g+ their many small gradients stop drowning the few positives; the shift m 
 negatives with p <= m outright (and softens it for very confident negatives, which are often
 missing labels).
 
-Run:   python 04_loss.py              self-checks, and writes docs/figures/04_asl_shapes.png
-       python 04_loss.py --benchmark  forward+backward time relative to BCE (CPU)
+Run:   python 04_loss.py                self-checks, and writes docs/figures/04_asl_shapes.png
+       python tools/bench_loss.py       forward+backward time relative to BCE (CPU)
+       python tools/exercise.py 04      this stage as an exercise: my_04_loss.py, lessons to write
 Next:  05_train.py trains the model of 03_transformer.py with this loss.
 
 Shape legend: B batch, K labels. logits and targets are (B, K), batch-first.
@@ -170,6 +171,7 @@ class AsymmetricLoss(nn.Module):
         self.detach_focal_weight, self.reduction, self.check_targets = detach_focal_weight, reduction, check_targets
 
     def forward(self, logits, targets):
+        """asymmetric_loss(logits, targets) with this module's options."""
         return asymmetric_loss(logits, targets, self.gamma_neg, self.gamma_pos, self.clip, self.eps,
                                self.detach_focal_weight, self.reduction, self.check_targets)
 
@@ -260,41 +262,7 @@ def self_check():
     print(f"wrote docs/figures/04_asl_shapes.png; self-check took {time.perf_counter() - start:.1f} s")
 
 
-def benchmark(threads=1, repeats=15, inner=50, B=128, K=80):
-    """Forward+backward time relative to F.binary_cross_entropy_with_logits, interleaved, medians."""
-    torch.set_num_threads(threads or torch.get_num_threads())
-    torch.manual_seed(0)
-    x = torch.randn(B, K).requires_grad_(True)  # (B, K)
-    t = (torch.rand(B, K) < 0.036).float()
-    cases = {
-        "F.binary_cross_entropy_with_logits (sum)": lambda: F.binary_cross_entropy_with_logits(x, t, reduction="sum"),
-        "ASL default (g- 4, g+ 0, m 0.05, sum)": lambda: asymmetric_loss(x, t),
-        "ASL default, check_targets=False": lambda: asymmetric_loss(x, t, check_targets=False),
-        "ASL Q2L settings (g- 2, m 0, eps 1e-5, q2l)": lambda: asymmetric_loss(x, t, **Q2L_SETTINGS),
-    }
-    times = {name: [] for name in cases}
-    for r in range(repeats + 1):  # round 0 is warm-up
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                x.grad = None
-                fn().backward()
-            if r:
-                times[name].append((time.perf_counter() - start) / inner)
-    base = torch.tensor(times[next(iter(cases))]).median().item()
-    print(f"forward+backward, batch {B} x {K} labels, CPU, {torch.get_num_threads()} threads, "
-          f"median of {repeats} interleaved rounds of {inner} calls:")
-    for name, values in times.items():
-        median = torch.tensor(values).median().item()
-        print(f"  {name:45s} {median * 1e6:8.1f} us   {median / base:5.2f}x BCE")
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time forward+backward against BCE on the CPU instead of the self-checks (default: off)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for --benchmark (default 1: at 128 x 80 entries, waiting for a second "
-                             "thread costs more than it saves on a busy machine; 0 = torch's default)")
-    args = parser.parse_args()
-    benchmark(args.threads) if args.benchmark else self_check()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False).parse_args()
+    self_check()
