@@ -6,6 +6,7 @@ that names the variable. End-to-end runs of a stage's real tests against a learn
 beside those tests (see test_01_data.py).
 """
 
+import math
 import os
 import re
 import subprocess
@@ -171,3 +172,50 @@ def test_the_plus_clip_slip_is_named_with_its_inputs():
                  "obtained  [0.06188", "hint: the negative term: p_m = max(p - m, 0)"):
         assert part in first, (part, first)
     assert "next: negative term with the shift p_m = max(p - m, 0)" in out, out
+
+
+# ------------------------------------------------------------------ stage 3: a learner's attention
+
+SQRT_D = LEARNERS / "sqrt_d_03_transformer.py"
+
+
+def test_the_sqrt_d_slip_is_named_with_its_inputs():
+    code, out = run_pytest("tests/test_03_transformer.py", "-x", env={"Q2L_STAGE_03": str(SQRT_D)})
+    assert code == 1, out
+    first = out[out.index("FAILURES"):].split("\n_")[1]  # the first failure's report
+    assert "test_attention_scores" in first and "MultiHeadAttention scores Q K^T / sqrt(dh)" in first, first
+    for part in ("query     [", "shape (2, 3, 8)", "key       [", "sizes     {'d': 8, 'h': 2, 'dh': 4}",
+                 "wrong at 48 of 48 entries", "hint: your scores are 0.707 = 1/sqrt(h) of the right ones: you divided "
+                 "by sqrt(d) = 2.83; divide by sqrt(dh) = 2, the HEAD width"):
+        assert part in first, (part, first)
+    numbers = {name: [float(v) for v in re.search(rf"{name}  \[([^\]]*?), \.\.\.\]", first).group(1).split(", ")]
+               for name in ("expected", "obtained")}
+    for want, got in zip(numbers["expected"], numbers["obtained"], strict=True):  # the shown values: off by 1/sqrt(2)
+        assert got == pytest.approx(want / math.sqrt(2), rel=2e-3, abs=1e-4), numbers
+    assert re.search(r"stage 03 \(sqrt_d_03_transformer.py\): 1 of \d+ lesson checks pass; next: scores: "
+                     r"Q K\^T / sqrt\(dh\), head by head \(test_attention_scores: fails\)", out), out
+
+
+def test_a_correct_attention_passes_its_lessons_and_the_rest_skips(tmp_path):
+    import test_03_transformer
+
+    mine = tmp_path / "my_attention.py"
+    source = SQRT_D.read_text()
+    assert source.count("/ math.sqrt(d)  # the slip") == 1
+    mine.write_text(source.replace("/ math.sqrt(d)  # the slip", "/ math.sqrt(dh)  # fixed"))
+    code, out = run_pytest("tests/test_03_transformer.py", "-vv", env={"Q2L_STAGE_03": str(mine)})  # -q -vv: a line per test
+    assert code == 0 and " failed" not in out, out
+    lessons, stability = markers_of(test_03_transformer, "lesson"), markers_of(test_03_transformer, "stability")
+    rows = re.findall(r"^tests/test_03_transformer.py::(\w+)(?:\[[^\]]*\])? (PASSED|SKIPPED|FAILED)", out, re.MULTILINE)
+    assert len(rows) == int(re.search(r"(\d+) selected", out).group(1)), out  # every test, on a line of its own
+    attention = [outcome for name, outcome in rows if name in lessons and lessons[name][0] <= 8]  # lessons 1-8
+    assert attention and set(attention) == {"PASSED"}, rows
+    summary = re.search(r"stage 03 \(my_attention.py\): (\d+) of \d+ lesson checks pass; next: encoder layer, "
+                        r"post-norm: LayerNorm after the residual sum \(test_encoder_layer_post_norm: my_attention.py "
+                        r"does not define `TransformerEncoderLayer` yet\)", out)
+    assert summary and int(summary.group(1)) == len(attention), out  # every attention lesson, nothing more
+    # the attention's stability checks pass too; the rest (layers not written, CUDA) skip
+    strict = re.search(r"stage 03 stability and strictness: (\d+) of (\d+) pass, (\d+) skipped\n", out)
+    assert strict and int(strict.group(1)) + int(strict.group(3)) == int(strict.group(2)), out
+    orders = [lessons[name][0] if name in lessons else (1e9 if name in stability else 1e6) for name, _ in rows]
+    assert orders == sorted(orders), rows  # from the simplest piece to the whole, stability checks last
