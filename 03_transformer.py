@@ -315,6 +315,7 @@ class GroupWiseLinear(nn.Module):
         self.b = nn.Parameter(torch.empty(1, num_classes).uniform_(-bound, bound))
 
     def forward(self, hs):
+        """hs (B, K, d) -> logits (B, K): logit_k = <W_k, hs_k> + b_k, one classifier per label."""
         return torch.einsum("bkd,kd->bk", hs, self.W[0]) + self.b  # (B, K, d) . (K, d) -> (B, K)
 
 

@@ -148,7 +148,7 @@ def test_naive_learner_passes_every_lesson_and_fails_only_stability_checks():
     import test_04_loss
 
     lessons, stability = markers_of(test_04_loss, "lesson"), markers_of(test_04_loss, "stability")
-    code, out = run_pytest("tests/test_04_loss.py", "-v", env={"Q2L_STAGE_04": str(LEARNERS / "naive_04_loss.py")})
+    code, out = run_pytest("tests/test_04_loss.py", "-vv", env={"Q2L_STAGE_04": str(LEARNERS / "naive_04_loss.py")})
     assert code == 1, out
     summary = re.search(r"stage 04 \(naive_04_loss.py\): (\d+) of (\d+) lesson checks pass\n", out)
     assert summary and summary.group(1) == summary.group(2), out
@@ -158,6 +158,7 @@ def test_naive_learner_passes_every_lesson_and_fails_only_stability_checks():
         assert f"  {name} (" in out and stability[name][0] in out, name
     # lessons ran from the simplest piece to the whole, stability checks after them
     ran = re.findall(r"^tests/test_04_loss.py::(\w+)", out, re.MULTILINE)
+    assert ran, "no per-test lines parsed: the order check would prove nothing"
     orders = [lessons[name][0] if name in lessons else (1e9 if name in stability else 1e6) for name in ran]
     assert orders == sorted(orders), ran
 
