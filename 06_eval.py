@@ -180,19 +180,19 @@ def load_for_eval(path, device="cpu", use_ema=False, trusted=False):
 
 
 @torch.no_grad()
-def predict_scores(model, loader, device, amp_dtype=None, channels_last=False, desc="eval", show=True):
-    """Sigmoid probabilities (N, K) float32 and targets (N, K) of `loader`, in eval mode (left so), autocast."""
-    model.eval()
-    device, scores, targets = torch.device(device), [], []
+def predict_scores(model, loader, device, amp_dtype=None, channels_last=False, desc="eval", show=True, criterion=None):
+    """Sigmoid scores (N, K) float32, targets (N, K) of `loader` in eval mode (left so), autocast; + criterion's mean."""
+    model, device, scores, targets, losses = model.eval(), torch.device(device), [], [], []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, target in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
         images = images.to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            scores.append(torch.sigmoid(model(images).float()).cpu())  # (B, K)
+            scores.append(torch.sigmoid(logits := model(images).float()).cpu())  # (B, K)
         targets.append(target)
+        losses += [] if criterion is None else [float(criterion(logits, target.to(device)))]
     if not scores:
         raise ValueError(f"the loader yielded no images (dataset of {len(loader.dataset)}): nothing to score")
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), *([sum(losses) / len(losses)] if losses else [])
 
 
 def amp_dtype_for(choice, device):

@@ -53,15 +53,14 @@ def fails(stage05, capsys, argv, *snippets, code=2):
 
 
 def with_criterion(stage05, monkeypatch, wrap):
-    """Runs built from now on train with wrap(their criterion): to inject a signal or a NaN at a step."""
-    original = stage05.setup
+    """Runs built from now on train with wrap(their criterion): to inject a signal or a NaN at a step (the
+    criterion is also called, without gradients, for the validation loss)."""
+    class Run(stage05.Run):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.criterion = wrap(self.criterion)
 
-    def setup(*args, **kwargs):
-        r = original(*args, **kwargs)
-        r.criterion = wrap(r.criterion)
-        return r
-
-    monkeypatch.setattr(stage05, "setup", setup)
+    monkeypatch.setattr(stage05, "Run", Run)
 
 
 def test_one_epoch_writes_checkpoints_config_and_tensorboard(stage05, tiny_coco, tmp_path):
@@ -86,7 +85,8 @@ def test_one_epoch_writes_checkpoints_config_and_tensorboard(stage05, tiny_coco,
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_step", "train/lr_backbone", "train/lr_transformer", "val/mAP",
-            "val/mAP_raw", "val/mAP_ema", "val/CF1_raw", "val/CF1_ema", "val/OF1"} <= tags
+            "val/mAP_raw", "val/mAP_ema", "val/CF1_raw", "val/CF1_ema", "val/OF1", "val/loss", "val/loss_ema"} <= tags
+    assert events.Tags()["images"] == ["val/examples"] and 0 < history[0]["val_loss"] < float("inf")
     (mAP,) = events.Scalars("val/mAP_raw")
     assert abs(mAP.value - history[0]["mAP_raw"]) < 1e-4  # TensorBoard stores float32
     assert len(events.Scalars("train/loss_step")) == 4  # every step
@@ -104,14 +104,11 @@ def test_config_file_reproduces_a_run(stage05, tiny_coco, tmp_path):
     """--config runs/x/config.json resolves to the same settings; flags given too override it."""
     summary = stage05.main(tiny_args(tiny_coco, tmp_path, "orig", epochs=1))
     path = Path(summary["run_dir"]) / "config.json"
-    saved = json.loads(path.read_text())
-    given = vars(stage05.build_parser().parse_args(["--config", str(path)]))
-    given = {**stage05.read_config_file(given.pop("config")), **given}
-    again = stage05.make_config(given, "custom")
+    saved, d = json.loads(path.read_text()), stage05.setup_distributed("cpu")
+    again, *_ = stage05.configure(vars(stage05.build_parser().parse_args(["--config", str(path)])), d)
     assert stage05.asdict(again) == saved
-    given = vars(stage05.build_parser().parse_args(["--config", str(path), "--epochs", "3"]))
-    given = {**stage05.read_config_file(given.pop("config")), **given}
-    assert stage05.make_config(given, "custom").epochs == 3
+    again, *_ = stage05.configure(vars(stage05.build_parser().parse_args(["--config", str(path), "--epochs", "3"])), d)
+    assert again.epochs == 3
     rerun = stage05.main(["--config", str(path)])  # a new folder, the same settings and results
     assert Path(rerun["run_dir"]).name == "orig-2"
     assert json.loads((Path(rerun["run_dir"]) / "config.json").read_text()) == saved
@@ -136,8 +133,8 @@ def stop_with_sigterm_then_resume(stage05, tiny_coco, tmp_path, monkeypatch, *ex
         calls = [0]
 
         def wrapped(logits, targets):
-            calls[0] += 1
-            if calls[0] == 6:  # in the middle of epoch 2 (4 steps per epoch)
+            calls[0] += torch.is_grad_enabled()  # training steps only, not validation's val/loss
+            if calls[0] == 6 and torch.is_grad_enabled():  # in the middle of epoch 2 (4 steps per epoch)
                 signal.raise_signal(signal.SIGTERM)
             return criterion(logits, targets)
 
@@ -217,7 +214,7 @@ def test_resume_and_init_mistakes_are_one_line(stage05, tiny_coco, tmp_path, cap
           "no EMA weights")
     fails(stage05, capsys, tiny_args(tiny_coco, tmp_path, "y", "--init-from", str(run / "best.pt"),
                                      "--d-model", "64"), "do not fit")
-    fails(stage05, capsys, ["--config", str(run / "config.json"), "--resume", str(run / "last.pt")], "give one")
+    fails(stage05, capsys, ["--config", str(run / "config.json"), "--resume", str(run / "last.pt")], "--resume")
     assert not (tmp_path / "y").exists()
 
 
@@ -291,9 +288,9 @@ def test_nonfinite_guard(stage05, tiny_coco, tmp_path, monkeypatch):
             calls = [0]
 
             def wrapped(logits, targets):
-                calls[0] += 1
+                calls[0] += torch.is_grad_enabled()  # training steps only, not validation's val/loss
                 loss = criterion(logits, targets)
-                return loss * float("nan") if calls[0] in steps else loss
+                return loss * float("nan") if calls[0] in steps and torch.is_grad_enabled() else loss
 
             return wrapped
 

@@ -4,8 +4,8 @@
     python tools/bench_train.py --preset coco --no-pretrained --device cuda --amp bf16 --steps 30
     python tools/bench_train.py --help                             # 05_train.py's flags, plus --steps --rounds
 
-The run is built exactly as 05_train.py builds it (its `setup`: data, loaders, model, EMA, optimiser, scaler,
-loss, compile), from the same flags. Then, in interleaved rounds (tools/timing.py; round 0 warms up: cuDNN
+The run is built exactly as 05_train.py builds it (its `configure` and `Run`: data, loaders, model, EMA,
+optimiser, scaler, loss, compile), from the same flags. Then, in interleaved rounds (tools/timing.py; round 0 warms up: cuDNN
 autotuning, allocator, worker start-up, torch.compile):
 - "training step": --steps forward + backward + optimiser steps on random tensors of the run's batch and
   input size (what the model alone can do);
@@ -40,12 +40,10 @@ def benchmark(argv=None):
     steps, rounds = given.pop("steps"), given.pop("rounds")
     if steps < 1 or rounds < 1:
         parser.error(f"--steps {steps} --rounds {rounds}: both must be >= 1")
-    train.check_values(given)
     d = train.setup_distributed(given.get("device", "auto"))
-    spec = train.resolve_data(given, d)
-    config = train.make_config(given, spec.kind)
+    config, spec, _, _ = train.configure(given, d)
     torch.manual_seed(config.seed)
-    r = train.setup(config, spec, d, log=lambda message: None)
+    r = train.Run(config, spec, d, log=lambda message: None)
 
     B, S, K = config.batch_size, config.img_size, len(r.class_names)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
