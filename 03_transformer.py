@@ -347,9 +347,9 @@ PRESETS = {
     # The official R101 recipe (SlongLiu/query2labels), from the torchvision ImageNet weights it starts
     # from (resnet101.tv_in1k; timm's plain "resnet101" is a later recipe).
     "official_r101": Q2LConfig(backbone="resnet101.tv_in1k", pretrained=True),
-    # From scratch on the built-in set in CPU minutes: timm's 0.4M-parameter test_resnet; BN and stem
-    # train too; no dropout in a run this short.
-    "demo": Q2LConfig(backbone="test_resnet", d_model=128, num_heads=4, dim_feedforward=512,
+    # From scratch on the built-in set in CPU minutes: timm's 0.4M-parameter test_resnet up to its second
+    # stage (stride 8: an 8x8 grid at 64 px, so attention maps show where); BN and stem train too; no dropout.
+    "demo": Q2LConfig(backbone="test_resnet", d_model=128, num_heads=4, dim_feedforward=512, feature_stage=2,
                       dropout=0.0, input_proj=True, frozen_bn=False, freeze_stem=False),
 }
 

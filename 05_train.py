@@ -126,7 +126,7 @@ PRESETS = {
     "coco": replace(TrainConfig(), preset="coco"),  # the official ResNet-101 recipe at 448 px (REFERENCES.md)
     # From scratch on a 2-core CPU in minutes: the backbone needs a higher learning rate than the transformer,
     # which turns unstable above ~2e-3 (docs/05_train.md); augmentation only slows a short run down.
-    "demo": replace(TrainConfig(), preset="demo", model="demo", img_size=64, epochs=9, early_stop=0, batch_size=32,
+    "demo": replace(TrainConfig(), preset="demo", model="demo", img_size=64, epochs=7, early_stop=0, batch_size=32,
                     lr=1e-3, backbone_lr=4e-3, grad_clip=1.0, ema_decay=0.995, randaugment=False, cutout=False,
                     hflip=True, workers=0, **{k: getattr(transformer.PRESETS["demo"], k) for k in MODEL_FIELDS}),
 }
@@ -524,7 +524,7 @@ def write_curves(history, path):
 # ----------------------------------------------------------------------------- command line
 def fail(message):
     """A mistake the user can fix: one line naming the file or value and what to do; exit code 2."""
-    print(f"05_train.py: error: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"05_train.py: error: {message}", file=sys.stderr)  # on its own line, even under a progress bar
     raise SystemExit(2)
 
 

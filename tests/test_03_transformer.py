@@ -499,7 +499,8 @@ def test_group_wise_linear_is_one_classifier_per_label(stage03):
 
 def tiny_config(stage03, **changes):
     base = dict(num_classes=7, backbone="resnet18", pretrained=False, weights=None, d_model=64,
-                num_heads=4, dim_feedforward=96, dropout=0.0, input_proj=True)
+                num_heads=4, dim_feedforward=96, dropout=0.0, input_proj=True,
+                feature_stage=None)  # the whole backbone: stride 32
     base.update(changes)
     return dataclasses.replace(stage03.PRESETS["demo"], **base)
 
