@@ -126,7 +126,7 @@ PRESETS = {
     "coco": replace(TrainConfig(), preset="coco"),  # the official ResNet-101 recipe at 448 px (REFERENCES.md)
     # From scratch on a 2-core CPU in minutes: the backbone needs a higher learning rate than the transformer,
     # which turns unstable above ~2e-3 (docs/05_train.md); augmentation only slows a short run down.
-    "demo": replace(TrainConfig(), preset="demo", model="demo", img_size=64, epochs=7, early_stop=0, batch_size=32,
+    "demo": replace(TrainConfig(), preset="demo", model="demo", img_size=64, epochs=8, early_stop=0, batch_size=32,
                     lr=1e-3, backbone_lr=4e-3, grad_clip=1.0, ema_decay=0.995, randaugment=False, cutout=False,
                     hflip=True, workers=0, **{k: getattr(transformer.PRESETS["demo"], k) for k in MODEL_FIELDS}),
 }
@@ -279,9 +279,9 @@ def end_of_epoch(r, progress, seconds):
         for k, name in enumerate(r.class_names):  # PR curves of the chosen weights, every epoch
             r.log.writer.add_pr_curve(f"pr/{name}", better["targets"][:, k] > 0, better["scores"][:, k], step)
         weights, val_set = r.ema.module if source == "ema" else unwrap(r.model), r.val_loader.dataset
-        with contextlib.suppress(data.CorruptImageError):  # 4 fixed images: true and predicted labels, attention
+        with contextlib.suppress(data.CorruptImageError):  # 3 fixed images: true and predicted labels, attention
             r.log.writer.add_image("val/examples", evaluation.attention_panel(
-                weights, val_set, range(min(4, len(val_set))), r.class_names, r.d.device), step)
+                weights, val_set, range(min(3, len(val_set))), r.class_names, r.d.device), step)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def test_one_epoch_writes_checkpoints_config_and_tensorboard(stage05, tiny_coco,
 
 def test_help_shows_real_defaults_and_the_presets(stage05):
     text = stage05.build_parser().format_help()
-    assert "(default: None)" not in text and "default: coco 80, demo 7" in text
+    assert "(default: None)" not in text and "default: coco 80, demo 8" in text
     assert "defaults < preset < --config FILE < flags" in text and "img_size" in text.split("presets")[-1]
 
 
@@ -118,7 +118,7 @@ def test_config_file_reproduces_a_run(stage05, tiny_coco, tmp_path):
 def test_presets_precedence(stage05):
     """defaults < preset < flags; the model preset fills the model fields nobody set."""
     demo = stage05.make_config({}, "synthetic")
-    assert demo.preset == "demo" and demo.epochs == 7 and demo.d_model == 128 and demo.backbone == "test_resnet"
+    assert demo.preset == "demo" and demo.epochs == 8 and demo.d_model == 128 and demo.backbone == "test_resnet"
     coco = stage05.make_config({"epochs": 3}, "custom")
     assert coco.preset == "coco" and coco.epochs == 3 and coco.d_model == 2048 and coco.pretrained is True
     mixed = stage05.make_config({"preset": "coco", "model": "demo", "d_model": 64}, "custom")
