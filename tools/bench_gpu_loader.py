@@ -324,29 +324,11 @@ def select_data_path(device, cpu_images_per_s=None, device_images_per_s=None, ex
     return "device" if device_images_per_s > cpu_images_per_s else "cpu"
 
 
-# ----------------------------------------------------------------------------- benchmark (moves to tools/)
-def write_jpegs_fallback(folder, count):
-    """640x480 JPEGs of smooth structure plus fine noise (01's old benchmark images), with a COCO JSON."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
-        noisy = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (480, 640, 3)).astype(np.int16)
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.jpg", quality=90)
-    import json
-    (folder / "instances.json").write_text(json.dumps({
-        "images": [{"id": i, "file_name": f"{i:03d}.jpg"} for i in range(count)],
-        "annotations": [{"id": i, "image_id": i, "category_id": 1} for i in range(count)],
-        "categories": [{"id": 1, "name": "thing"}]}))
-
-
+# ----------------------------------------------------------------------------- benchmark
 def bench(folder, count, img_size, device, workers, batch_size, rounds):
     """Images/s of 01's PIL path vs this path (decode only, eval transform, full training transform)."""
-    try:
-        from tools.bench_data import write_jpegs  # helper A's, once it exists
-    except ImportError:
-        write_jpegs = write_jpegs_fallback
+    from tools.bench_data import write_jpegs  # the 640x480 JPEGs of stage 1's benchmark
+
     folder = Path(folder)
     if not (folder / "instances.json").exists():
         write_jpegs(folder, count)
