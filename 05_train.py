@@ -279,9 +279,9 @@ def end_of_epoch(r, progress, seconds):
         for k, name in enumerate(r.class_names):  # PR curves of the chosen weights, every epoch
             r.log.writer.add_pr_curve(f"pr/{name}", better["targets"][:, k] > 0, better["scores"][:, k], step)
         weights, val_set = r.ema.module if source == "ema" else unwrap(r.model), r.val_loader.dataset
-        with contextlib.suppress(data.CorruptImageError):  # 3 fixed images: true and predicted labels, attention
+        with contextlib.suppress(data.CorruptImageError):  # 2 fixed images: true and predicted labels, attention
             r.log.writer.add_image("val/examples", evaluation.attention_panel(
-                weights, val_set, range(min(3, len(val_set))), r.class_names, r.d.device), step)
+                weights, val_set, range(min(2, len(val_set))), r.class_names, r.d.device), step)
 
 
 @torch.no_grad()
