@@ -10,12 +10,12 @@ five classes, (c) the kernel time per step against the wall time per step: on a 
 well below the wall time means the GPU waits (for Python, launches or a sync). --markdown FILE writes
 the same tables for docs/05_train.md.
 
-The step is 05_train's, built here from stages 3 and 4 (05 is not imported: its internals are not an
-interface): Query2Label with random weights, channels_last input, autocast bf16 on CUDA (float32 on the
-CPU), 04's asymmetric loss with the COCO recipe's settings, backward, the gradient norm (05 computes it
-every step, with an infinite threshold when clipping is off), fused AdamW, zero_grad, an EMA update of
-every floating-point weight (torch._foreach_lerp_, as 05's ModelEMA) and loss.item() (05 reads the loss
-every step, which makes the CPU wait for the GPU once per step). Input tensors are random and already
+The step is 05_train's, built here from stages 3 and 4 with the settings of 05's "coco" preset
+(`05_train.PRESETS`; no data is loaded): Query2Label with random weights, channels_last input, autocast
+bf16 on CUDA (float32 on the CPU), 04's asymmetric loss, backward, the gradient norm (05 computes it
+every step, with an infinite threshold when clipping is off), fused AdamW, zero_grad, the EMA update of
+timm's ModelEmaV3 (parameters and buffers, as 05) and loss.item() (05 reads the loss every step, which
+makes the CPU wait for the GPU once per step). Input tensors are random and already
 on the device: this profiles the model step, not the loader.
 
 Classes: a kernel's name is matched against RULES in order, the first match wins:
@@ -45,6 +45,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -80,7 +81,7 @@ class Row:
 def build_step(model, criterion, optimizer, ema, amp_dtype):
     """05's training step on given tensors (see the module docstring); returns the loss as a float."""
     params = [p for p in model.parameters() if p.requires_grad]
-    weights = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+    plain = getattr(model, "_orig_mod", model)  # the EMA follows the uncompiled module, as in 05
 
     def step(images, targets):
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -90,8 +91,7 @@ def build_step(model, criterion, optimizer, ema, amp_dtype):
         torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm 05 logs (and clips with)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, weights, 1.0 - 0.9997)  # the COCO recipe's EMA decay
+        ema.apply_update_(plain, ema.decay)  # 05 warms the decay up; in a long run it is this one
         return loss.item()
 
     return step
@@ -111,6 +111,7 @@ def setup(model_name, img_size, batch_size, device, compile_model=False, channel
     """A StepSetup: 05's step for this model, and random inputs for a profile or a timing."""
     transformer = importlib.import_module("03_transformer")  # module names may not start with a digit
     losses = importlib.import_module("04_loss")
+    recipe = importlib.import_module("05_train").PRESETS["coco"]  # the loss, optimiser and EMA settings
     device = torch.device(device)
     amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                  "off": None}[amp]
@@ -118,11 +119,11 @@ def setup(model_name, img_size, batch_size, device, compile_model=False, channel
     model = transformer.Query2Label(config).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    ema = [v.detach().clone() for v in model.state_dict().values() if v.dtype.is_floating_point]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                  weight_decay=1e-2, fused=True)
-    # the "coco" preset's loss: ASL with gamma- 2, gamma+ 0, no clip, eps 1e-5, official normalisation
-    criterion = losses.AsymmetricLoss(gamma_neg=2.0, gamma_pos=0.0, clip=0.0, eps=1e-5, reduction="q2l")
+    ema = ModelEmaV3(model, decay=recipe.ema_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                                  weight_decay=recipe.weight_decay, fused=True)
+    criterion = losses.AsymmetricLoss(gamma_neg=recipe.gamma_neg, gamma_pos=recipe.gamma_pos, clip=recipe.clip,
+                                      eps=recipe.loss_eps, reduction=recipe.loss_reduction)
     step = build_step(torch.compile(model) if compile_model else model, criterion, optimizer, ema, amp_dtype)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=generator)  # (B, 3, S, S)
